@@ -2,7 +2,9 @@ use std::time::Duration;
 
 /// Why a duration string could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("duration {0:?} is invalid: use a number followed by ms, s, m, h or d, e.g. \"30s\" or \"1h30m\"")]
+#[error(
+    "duration {0:?} is invalid: use a number followed by ms, s, m, h or d, e.g. \"30s\" or \"1h30m\""
+)]
 pub struct DurationError(pub String);
 
 /// Parses durations such as `500ms`, `30s`, `10m`, `1h30m` or `7d`.

@@ -42,7 +42,9 @@ pub enum NameError {
     #[error("repository name is {0} bytes long; the limit is {MAX_NAME_LEN}")]
     RepoTooLong(usize),
     /// The tag breaks the grammar.
-    #[error("tag {0:?} is invalid: use up to 128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'")]
+    #[error(
+        "tag {0:?} is invalid: use up to 128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'"
+    )]
     Tag(String),
 }
 
@@ -187,7 +189,6 @@ pub enum ReferenceError {
     Tag(NameError),
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,30 +203,18 @@ mod tests {
             "x0/y1/z2",
             "my--repo",
         ] {
-            assert!(good.parse::<RepoName>().is_ok(), "{good:?} must be accepted");
+            assert!(
+                good.parse::<RepoName>().is_ok(),
+                "{good:?} must be accepted"
+            );
         }
     }
 
     #[test]
     fn names_that_break_the_grammar_or_escape_a_path_are_rejected() {
         for bad in [
-            "",
-            "/abs",
-            "abs/",
-            "a//b",
-            "..",
-            "a/../b",
-            "a/./b",
-            ".hidden",
-            "Upper",
-            "a___b",
-            "a..b",
-            "a-",
-            "-a",
-            "a/%2e%2e",
-            "a b",
-            "a\\b",
-            "a\0b",
+            "", "/abs", "abs/", "a//b", "..", "a/../b", "a/./b", ".hidden", "Upper", "a___b",
+            "a..b", "a-", "-a", "a/%2e%2e", "a b", "a\\b", "a\0b",
         ] {
             assert!(bad.parse::<RepoName>().is_err(), "{bad:?} must be rejected");
         }

@@ -1,1 +1,136 @@
-//! placeholder
+//! Slipway's embedded image store: content-addressed blobs plus a transactional
+//! metadata database.
+//!
+//! Entry point: [`Store::open`]. The store implements OCI semantics (repositories,
+//! tags, manifests and what they reference, repository→blob links, referrers, upload
+//! sessions, garbage collection) over two parts:
+//! - [`blobs::FsBlobs`], the content-addressed file tree, written only by atomic rename;
+//! - a [redb](https://docs.rs/redb) database holding every index, so listing,
+//!   referrers and GC never walk the blob tree.
+//!
+//! Every method is blocking; async callers use `spawn_blocking`.
+//!
+//! **Architecture invariant:** this crate knows the OCI specs, not deployments, and
+//! speaks no HTTP.
+
+pub mod blobs;
+mod error;
+mod gc;
+pub mod manifest;
+mod meta;
+mod uploads;
+
+pub use error::{Result, StoreError};
+pub use gc::{GcOptions, GcReport};
+pub use manifest::{ManifestError, ParsedManifest};
+pub use meta::{ManifestMeta, PutManifest, ReferrerDescriptor};
+pub use uploads::UploadWriter;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use slipway_core::Digest;
+
+use crate::blobs::FsBlobs;
+
+/// The embedded image store. Cheap to share behind an `Arc`.
+pub struct Store {
+    root: PathBuf,
+    blobs: FsBlobs,
+    db: redb::Database,
+    /// Held for reading while a blob is renamed into place and recorded, and for
+    /// writing while GC deletes files, so GC never unlinks a blob an upload just
+    /// committed.
+    blob_lock: RwLock<()>,
+    uploads: Arc<Mutex<HashMap<uuid::Uuid, uploads::Live>>>,
+    /// Blobs a client recently asked about (HEAD before a manifest push): GC spares
+    /// them for the grace period even when nothing references them yet.
+    touched: Mutex<HashMap<Digest, u64>>,
+    manifest_cache: Mutex<ManifestCache>,
+    stored_bytes: AtomicU64,
+}
+
+#[derive(Default)]
+struct ManifestCache {
+    map: HashMap<Digest, Bytes>,
+    bytes: usize,
+}
+
+/// Manifests are immutable by digest, so caching their bytes is always safe.
+const MANIFEST_CACHE_BYTES: usize = 64 << 20;
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (or creates) a store in `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        let blobs = FsBlobs::open(root)?;
+        let db = meta::open_db(&root.join("meta.redb"))?;
+        let store = Self {
+            root: root.to_owned(),
+            blobs,
+            db,
+            blob_lock: RwLock::new(()),
+            uploads: Arc::default(),
+            touched: Mutex::default(),
+            manifest_cache: Mutex::default(),
+            stored_bytes: AtomicU64::new(0),
+        };
+        store
+            .stored_bytes
+            .store(store.sum_blob_sizes()?, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Total size of all committed blobs (including manifests).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The file holding a committed blob.
+    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+        self.blobs.path(digest)
+    }
+
+    fn cached_manifest(&self, digest: &Digest) -> Option<Bytes> {
+        lock(&self.manifest_cache).map.get(digest).cloned()
+    }
+
+    fn cache_manifest(&self, digest: &Digest, bytes: Bytes) {
+        let mut c = lock(&self.manifest_cache);
+        if c.bytes + bytes.len() > MANIFEST_CACHE_BYTES {
+            c.map.clear();
+            c.bytes = 0;
+        }
+        c.bytes += bytes.len();
+        c.map.insert(digest.clone(), bytes);
+    }
+
+    fn touch(&self, digest: &Digest) {
+        lock(&self.touched).insert(digest.clone(), now_ms());
+    }
+}
+
+/// Milliseconds since the Unix epoch: persisted timestamps must survive restarts, so
+/// they are wall-clock, not monotonic.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Locks a mutex, recovering from poisoning: every critical section here leaves the
+/// data consistent, so a panic elsewhere must not wedge the registry.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

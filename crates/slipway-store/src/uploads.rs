@@ -1,0 +1,349 @@
+//! Upload sessions: staging files hashed while bytes arrive, finished by an atomic
+//! rename when (and only when) the digest matches.
+//!
+//! The hash state lives in memory next to the byte count. After a restart it is
+//! rebuilt by reading the staging file once, so a session survives the daemon.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+use slipway_core::{Algorithm, Digest, Hasher, RepoName};
+use uuid::Uuid;
+
+use crate::error::{Result, StoreError, db};
+use crate::meta::{UPLOADS, from_json};
+use crate::{Store, lock, now_ms};
+
+/// In-memory state of a session between requests.
+pub(crate) struct Live {
+    /// `None` while a request has it checked out.
+    hasher: Option<Hasher>,
+    offset: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UploadRecord {
+    repo: String,
+    started_ms: u64,
+}
+
+/// Appends bytes to one upload session. Returned to the store on drop, so a client
+/// that disconnects mid-chunk leaves a session that resumes at the last byte written.
+pub struct UploadWriter {
+    id: Uuid,
+    file: File,
+    hasher: Option<Hasher>,
+    offset: u64,
+    live: Arc<Mutex<HashMap<Uuid, Live>>>,
+}
+
+// === impl UploadWriter ===
+
+impl UploadWriter {
+    /// Appends `data`, hashing it. On a failed write the file is cut back to the last
+    /// good offset so bytes and hash never disagree.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        if let Err(e) = self.file.write_all(data) {
+            let _ = self.file.set_len(self.offset);
+            return Err(StoreError::io("write upload", e));
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(data);
+        }
+        self.offset += data.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes in the session so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The session id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
+impl Drop for UploadWriter {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if let Some(l) = live.get_mut(&self.id) {
+            l.hasher = self.hasher.take();
+            l.offset = self.offset;
+        }
+    }
+}
+
+fn hash_file(path: &std::path::Path, algorithm: Algorithm) -> Result<(Hasher, u64)> {
+    let mut f = File::open(path).map_err(|e| StoreError::io("open upload", e))?;
+    let mut h = Hasher::new(algorithm);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f
+            .read(&mut buf)
+            .map_err(|e| StoreError::io("read upload", e))?;
+        if k == 0 {
+            return Ok((h, n));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+// === impl Store: uploads ===
+
+impl Store {
+    /// Opens an upload session in `repo`.
+    pub fn start_upload(&self, repo: &RepoName) -> Result<Uuid> {
+        let id = Uuid::new_v4();
+        let path = self.blobs.staging_path(&id);
+        File::create(&path).map_err(|e| StoreError::io("create upload file", e))?;
+        let rec = UploadRecord {
+            repo: repo.to_string(),
+            started_ms: now_ms(),
+        };
+        let res = (|| {
+            let txn = self.db().begin_write().map_err(db)?;
+            {
+                let mut t = txn.open_table(UPLOADS).map_err(db)?;
+                let v = serde_json::to_vec(&rec).map_err(|e| StoreError::Db(e.to_string()))?;
+                t.insert(id.to_string().as_str(), v.as_slice())
+                    .map_err(db)?;
+            }
+            txn.commit().map_err(db)
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        lock(&self.uploads).insert(
+            id,
+            Live {
+                hasher: Some(Hasher::new(Algorithm::Sha256)),
+                offset: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    fn check_session(&self, repo: &RepoName, id: &str) -> Result<Uuid> {
+        let unknown = || StoreError::UploadUnknown(id.to_owned());
+        // Parsing as a UUID is what makes the id safe to use as a file name.
+        let uuid = Uuid::parse_str(id).map_err(|_| unknown())?;
+        let r = self.db().begin_read().map_err(db)?;
+        let t = r.open_table(UPLOADS).map_err(db)?;
+        let rec = t
+            .get(uuid.to_string().as_str())
+            .map_err(db)?
+            .ok_or_else(unknown)?;
+        let rec: UploadRecord = from_json(rec.value())?;
+        if rec.repo != repo.as_str() {
+            return Err(unknown());
+        }
+        Ok(uuid)
+    }
+
+    /// Bytes received so far by a session.
+    pub fn upload_offset(&self, repo: &RepoName, id: &str) -> Result<u64> {
+        let uuid = self.check_session(repo, id)?;
+        if let Some(l) = lock(&self.uploads).get(&uuid) {
+            return Ok(l.offset);
+        }
+        fs::metadata(self.blobs.staging_path(&uuid))
+            .map(|m| m.len())
+            .map_err(|_| StoreError::UploadUnknown(id.to_owned()))
+    }
+
+    /// Checks a session out for writing. `start`, when given, must equal the
+    /// session's current offset (chunks arrive in order).
+    pub fn upload_writer(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+    ) -> Result<UploadWriter> {
+        let uuid = self.check_session(repo, id)?;
+        let path = self.blobs.staging_path(&uuid);
+        let (hasher, offset) = {
+            let mut live = lock(&self.uploads);
+            match live.get_mut(&uuid) {
+                Some(l) => match l.hasher.take() {
+                    Some(h) => (h, l.offset),
+                    None => return Err(StoreError::UploadBusy(id.to_owned())),
+                },
+                None => {
+                    // After a restart: rebuild the hash from what is on disk.
+                    live.insert(
+                        uuid,
+                        Live {
+                            hasher: None,
+                            offset: 0,
+                        },
+                    );
+                    drop(live);
+                    match hash_file(&path, Algorithm::Sha256) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            lock(&self.uploads).remove(&uuid);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        };
+        let writer_file = OpenOptions::new().append(true).open(&path);
+        let w = UploadWriter {
+            id: uuid,
+            file: match writer_file {
+                Ok(f) => f,
+                Err(e) => {
+                    let mut live = lock(&self.uploads);
+                    if let Some(l) = live.get_mut(&uuid) {
+                        l.hasher = Some(hasher);
+                        l.offset = offset;
+                    }
+                    return Err(StoreError::io("open upload", e));
+                }
+            },
+            hasher: Some(hasher),
+            offset,
+            live: self.uploads.clone(),
+        };
+        if let Some(start) = start {
+            if start != offset {
+                // Dropping `w` hands the state back untouched.
+                let expected = w.offset;
+                return Err(StoreError::UploadOffset {
+                    expected,
+                    got: start,
+                });
+            }
+        }
+        Ok(w)
+    }
+
+    /// Finishes a session: verifies the digest, commits the blob and links it into
+    /// `repo`. On a digest mismatch the session is discarded. Returns the blob size.
+    pub fn finish_upload(
+        &self,
+        repo: &RepoName,
+        writer: UploadWriter,
+        expected: &Digest,
+    ) -> Result<u64> {
+        let mut w = writer;
+        let uuid = w.id;
+        let path = self.blobs.staging_path(&uuid);
+        let hasher = w.hasher.take();
+        let size = w.offset;
+        drop(w);
+        let computed = match hasher {
+            Some(h) if expected.algorithm() == Algorithm::Sha256 => h.finish(),
+            _ => hash_file(&path, expected.algorithm())?.0.finish(),
+        };
+        if &computed != expected {
+            self.discard_upload(&uuid)?;
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                computed,
+            });
+        }
+        {
+            let _guard = self
+                .blob_lock
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.blobs.commit(&path, expected)?;
+            self.record_blob(repo, expected, size)?;
+        }
+        self.discard_upload(&uuid)?;
+        Ok(size)
+    }
+
+    /// Cancels a session and deletes its staged bytes.
+    pub fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        let uuid = self.check_session(repo, id)?;
+        if lock(&self.uploads)
+            .get(&uuid)
+            .is_some_and(|l| l.hasher.is_none())
+        {
+            return Err(StoreError::UploadBusy(id.to_owned()));
+        }
+        self.discard_upload(&uuid)
+    }
+
+    fn discard_upload(&self, uuid: &Uuid) -> Result<()> {
+        lock(&self.uploads).remove(uuid);
+        let txn = self.db().begin_write().map_err(db)?;
+        {
+            let mut t = txn.open_table(UPLOADS).map_err(db)?;
+            t.remove(uuid.to_string().as_str()).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        match fs::remove_file(self.blobs.staging_path(uuid)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::io("remove upload file", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes sessions started more than `max_age` ago and staging files that no
+    /// session owns (left by a crash). Returns how many were removed.
+    pub fn purge_uploads(&self, max_age: Duration) -> Result<usize> {
+        let cutoff =
+            now_ms().saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
+        let mut doomed = Vec::new();
+        let mut known = std::collections::HashSet::new();
+        {
+            let r = self.db().begin_read().map_err(db)?;
+            let t = r.open_table(UPLOADS).map_err(db)?;
+            for row in t.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                let rec: UploadRecord = from_json(v.value())?;
+                if let Ok(u) = Uuid::parse_str(k.value()) {
+                    known.insert(u);
+                    if rec.started_ms <= cutoff {
+                        doomed.push(u);
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for u in &doomed {
+            if lock(&self.uploads)
+                .get(u)
+                .is_some_and(|l| l.hasher.is_none())
+            {
+                continue; // a request is writing to it right now
+            }
+            self.discard_upload(u)?;
+            n += 1;
+        }
+        let entries = fs::read_dir(self.blobs.uploads_dir())
+            .map_err(|e| StoreError::io("list uploads", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let orphan = name
+                .to_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .is_none_or(|u| !known.contains(&u));
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= max_age);
+            if orphan && old && fs::remove_file(entry.path()).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}

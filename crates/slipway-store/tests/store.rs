@@ -1,0 +1,363 @@
+//! Behaviour of the embedded store, driven through its public API on a temp dir.
+
+use std::time::Duration;
+
+use slipway_core::{Digest, Reference, RepoName, media};
+use slipway_store::{GcOptions, Store, StoreError};
+
+fn repo(s: &str) -> RepoName {
+    s.parse().expect("valid repo")
+}
+
+fn push_blob(store: &Store, r: &RepoName, data: &[u8]) -> Digest {
+    let id = store.start_upload(r).expect("start").to_string();
+    let mut w = store.upload_writer(r, &id, Some(0)).expect("writer");
+    w.write(data).expect("write");
+    let d = Digest::sha256_of(data);
+    store.finish_upload(r, w, &d).expect("finish");
+    d
+}
+
+fn image_manifest(config: &Digest, layers: &[&Digest], subject: Option<&Digest>) -> Vec<u8> {
+    let layers: Vec<String> = layers
+        .iter()
+        .map(|l| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":1}}"#))
+        .collect();
+    let subject = subject
+        .map(|s| {
+            format!(
+                r#","subject":{{"mediaType":"{}","digest":"{s}","size":1}}"#,
+                media::OCI_MANIFEST
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":1}},"layers":[{}]{subject}}}"#,
+        media::OCI_MANIFEST,
+        layers.join(",")
+    )
+    .into_bytes()
+}
+
+fn no_grace(delete_untagged: bool) -> GcOptions {
+    GcOptions {
+        dry_run: false,
+        delete_untagged,
+        grace: Duration::ZERO,
+    }
+}
+
+#[test]
+fn chunked_upload_commits_blob_only_on_matching_digest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("a/b");
+    let id = store.start_upload(&r).expect("start").to_string();
+    {
+        let mut w = store.upload_writer(&r, &id, Some(0)).expect("writer");
+        w.write(b"hello ").expect("write");
+    }
+    assert_eq!(store.upload_offset(&r, &id).expect("offset"), 6);
+    assert!(matches!(
+        store.upload_writer(&r, &id, Some(3)),
+        Err(StoreError::UploadOffset {
+            expected: 6,
+            got: 3
+        })
+    ));
+    let mut w = store.upload_writer(&r, &id, Some(6)).expect("writer");
+    w.write(b"world").expect("write");
+    let wrong = Digest::sha256_of(b"other");
+    assert!(matches!(
+        store.finish_upload(&r, w, &wrong),
+        Err(StoreError::DigestMismatch { .. })
+    ));
+    // The failed session is gone and nothing became visible.
+    assert!(matches!(
+        store.upload_offset(&r, &id),
+        Err(StoreError::UploadUnknown(_))
+    ));
+    assert!(
+        store
+            .stat_blob(&r, &Digest::sha256_of(b"hello world"))
+            .is_err()
+    );
+
+    let d = push_blob(&store, &r, b"hello world");
+    assert_eq!(store.stat_blob(&r, &d).expect("stat"), 11);
+    assert_eq!(
+        std::fs::read(store.blob_file(&d)).expect("read"),
+        b"hello world"
+    );
+}
+
+#[test]
+fn blob_in_one_repository_is_invisible_in_another_until_mounted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let (a, b) = (repo("a"), repo("b"));
+    let d = push_blob(&store, &a, b"shared");
+    assert!(matches!(
+        store.stat_blob(&b, &d),
+        Err(StoreError::BlobUnknown(_))
+    ));
+    assert!(
+        !store
+            .mount_blob(&b, &a, &Digest::sha256_of(b"nope"))
+            .expect("mount")
+    );
+    assert!(store.mount_blob(&a, &b, &d).expect("mount"));
+    assert_eq!(store.stat_blob(&b, &d).expect("stat"), 6);
+    assert_eq!(store.stored_bytes(), 6, "content is stored once");
+}
+
+#[test]
+fn upload_session_resumes_after_reopen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = repo("r");
+    let id = {
+        let store = Store::open(dir.path()).expect("open");
+        let id = store.start_upload(&r).expect("start").to_string();
+        let mut w = store.upload_writer(&r, &id, None).expect("writer");
+        w.write(b"part one ").expect("write");
+        id
+    };
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.upload_offset(&r, &id).expect("offset"), 9);
+    let mut w = store.upload_writer(&r, &id, Some(9)).expect("writer");
+    w.write(b"part two").expect("write");
+    let d = Digest::sha256_of(b"part one part two");
+    assert_eq!(store.finish_upload(&r, w, &d).expect("finish"), 17);
+}
+
+#[test]
+fn manifest_push_requires_referenced_blobs_and_keeps_exact_bytes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("app");
+    let config = push_blob(&store, &r, b"{}");
+    let missing = Digest::sha256_of(b"missing layer");
+    let body = image_manifest(&config, &[&missing], None);
+    let tag = Reference::parse("v1").expect("tag");
+    assert!(matches!(
+        store.put_manifest(&r, &tag, &body, Some(media::OCI_MANIFEST)),
+        Err(StoreError::ManifestBlobUnknown(d)) if d == missing
+    ));
+    let layer = push_blob(&store, &r, b"missing layer");
+    // Whitespace is kept: the digest is over the bytes as received.
+    let mut body = image_manifest(&config, &[&layer], None);
+    body.extend_from_slice(b"\n  ");
+    let put = store
+        .put_manifest(&r, &tag, &body, Some(media::OCI_MANIFEST))
+        .expect("put");
+    assert_eq!(put.digest, Digest::sha256_of(&body));
+    let (meta, bytes) = store.get_manifest(&r, &tag).expect("get");
+    assert_eq!(meta.digest, put.digest);
+    assert_eq!(&bytes[..], &body[..]);
+    let by_digest = Reference::Digest(Digest::sha256_of(b"other bytes"));
+    assert!(matches!(
+        store.put_manifest(&r, &by_digest, &body, None),
+        Err(StoreError::ManifestDigestMismatch { .. })
+    ));
+}
+
+#[test]
+fn tags_and_catalog_page_in_lexical_order() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let config = Digest::sha256_of(b"{}");
+    for name in ["zeta", "alpha", "mid/x"] {
+        let r = repo(name);
+        push_blob(&store, &r, b"{}");
+        let body = image_manifest(&config, &[], None);
+        for t in ["b", "a", "c", "B"] {
+            store
+                .put_manifest(&r, &Reference::parse(t).expect("tag"), &body, None)
+                .expect("put");
+        }
+    }
+    let r = repo("zeta");
+    assert_eq!(
+        store.list_tags(&r, None, None).expect("tags"),
+        ["B", "a", "b", "c"]
+    );
+    assert_eq!(
+        store.list_tags(&r, Some("a"), Some(1)).expect("tags"),
+        ["b"]
+    );
+    assert_eq!(
+        store.list_tags(&r, None, Some(0)).expect("tags"),
+        Vec::<String>::new()
+    );
+    assert!(matches!(
+        store.list_tags(&repo("nope"), None, None),
+        Err(StoreError::RepoUnknown(_))
+    ));
+    assert_eq!(
+        store.list_repos(None, Some(2)).expect("repos"),
+        ["alpha", "mid/x"]
+    );
+    assert_eq!(
+        store.list_repos(Some("mid/x"), None).expect("repos"),
+        ["zeta"]
+    );
+}
+
+#[test]
+fn referrers_are_indexed_filtered_and_removed_with_their_manifest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("app");
+    let config = push_blob(&store, &r, b"{}");
+    let subject = Digest::sha256_of(b"not pushed yet");
+    let body = image_manifest(&config, &[], Some(&subject));
+    let put = store
+        .put_manifest(
+            &r,
+            &Reference::Digest(Digest::sha256_of(&body)),
+            &body,
+            None,
+        )
+        .expect("put");
+    assert_eq!(put.subject.as_ref(), Some(&subject));
+    let refs = store.referrers(&r, &subject, None).expect("referrers");
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].digest, put.digest);
+    assert!(
+        store
+            .referrers(&r, &subject, Some("application/x-none"))
+            .expect("filtered")
+            .is_empty()
+    );
+    store.delete_manifest(&r, &put.digest).expect("delete");
+    assert!(
+        store
+            .referrers(&r, &subject, None)
+            .expect("referrers")
+            .is_empty()
+    );
+}
+
+#[test]
+fn deleting_a_tag_keeps_the_manifest_and_deleting_a_manifest_drops_its_tags() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("app");
+    let config = push_blob(&store, &r, b"{}");
+    let body = image_manifest(&config, &[], None);
+    let v1 = Reference::parse("v1").expect("tag");
+    let v2 = Reference::parse("v2").expect("tag");
+    let put = store.put_manifest(&r, &v1, &body, None).expect("put");
+    store.put_manifest(&r, &v2, &body, None).expect("put");
+    store
+        .delete_tag(&r, &"v1".parse().expect("tag"))
+        .expect("delete tag");
+    assert!(store.stat_manifest(&r, &v1).is_err());
+    assert!(
+        store
+            .stat_manifest(&r, &Reference::Digest(put.digest.clone()))
+            .is_ok()
+    );
+    let (_, tags) = store.delete_manifest(&r, &put.digest).expect("delete");
+    assert_eq!(
+        tags.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["v2"]
+    );
+    assert!(store.stat_manifest(&r, &v2).is_err());
+}
+
+#[test]
+fn gc_removes_only_unreferenced_blobs_and_untagged_manifests_when_asked() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("app");
+    let config = push_blob(&store, &r, b"{}");
+    let layer = push_blob(&store, &r, b"layer");
+    let orphan = push_blob(&store, &r, b"orphan");
+    let tagged = image_manifest(&config, &[&layer], None);
+    store
+        .put_manifest(&r, &Reference::parse("v1").expect("tag"), &tagged, None)
+        .expect("put");
+    let untagged_layer = push_blob(&store, &r, b"old layer");
+    let untagged = image_manifest(&config, &[&untagged_layer], None);
+    let old = store
+        .put_manifest(
+            &r,
+            &Reference::Digest(Digest::sha256_of(&untagged)),
+            &untagged,
+            None,
+        )
+        .expect("put");
+
+    // With a grace period everything recent survives.
+    let report = store
+        .gc(&GcOptions {
+            dry_run: false,
+            delete_untagged: true,
+            grace: Duration::from_secs(600),
+        })
+        .expect("gc");
+    assert!(report.blobs.is_empty() && report.manifests.is_empty());
+
+    let dry = store
+        .gc(&GcOptions {
+            dry_run: true,
+            ..no_grace(false)
+        })
+        .expect("gc");
+    assert_eq!(
+        dry.blobs.iter().map(|b| &b.0).collect::<Vec<_>>(),
+        [&orphan]
+    );
+    assert!(
+        store.blob_file(&orphan).exists(),
+        "a dry run deletes nothing"
+    );
+
+    let report = store.gc(&no_grace(false)).expect("gc");
+    assert_eq!(
+        report.blobs.iter().map(|b| &b.0).collect::<Vec<_>>(),
+        [&orphan]
+    );
+    assert_eq!(report.bytes_freed, 6);
+    assert!(!store.blob_file(&orphan).exists());
+    assert!(store.stat_blob(&r, &untagged_layer).is_ok());
+
+    let report = store.gc(&no_grace(true)).expect("gc");
+    assert_eq!(report.manifests.len(), 1);
+    assert_eq!(report.manifests[0].1, old.digest);
+    let freed: Vec<_> = report.blobs.iter().map(|b| b.0.clone()).collect();
+    assert!(freed.contains(&untagged_layer) && freed.contains(&old.digest));
+    assert!(store.stat_blob(&r, &layer).is_ok() && store.stat_blob(&r, &config).is_ok());
+    assert!(
+        store
+            .get_manifest(&r, &Reference::parse("v1").expect("tag"))
+            .is_ok()
+    );
+}
+
+#[test]
+fn abandoned_uploads_are_purged_after_their_age() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("app");
+    let id = store.start_upload(&r).expect("start").to_string();
+    std::fs::write(dir.path().join("uploads/stray-file"), b"x").expect("write");
+    assert_eq!(
+        store
+            .purge_uploads(Duration::from_secs(3600))
+            .expect("purge"),
+        0
+    );
+    assert_eq!(store.purge_uploads(Duration::ZERO).expect("purge"), 2);
+    assert!(matches!(
+        store.upload_offset(&r, &id),
+        Err(StoreError::UploadUnknown(_))
+    ));
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("uploads"))
+            .expect("ls")
+            .count(),
+        0
+    );
+}
