@@ -1,1 +1,211 @@
-fn main() {}
+//! The `slipway` binary: parses the command line, runs a command, decides the exit
+//! code. Everything else lives in the library crates.
+
+#![expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the binary owns the terminal"
+)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use slipway_app::client::{AdminClient, DEFAULT_SERVER};
+use slipway_app::config::{ConfigError, FileConfig, Overrides, Settings};
+
+/// Exit code for an invalid configuration (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+/// Image-driven deployment in one binary.
+#[derive(Parser)]
+#[command(name = "slipway", version, about)]
+struct Cli {
+    /// The slipway server client commands talk to.
+    #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry (and, later, the deployment engine).
+    Serve(ServeArgs),
+    /// Remove blobs (and, with `gc.delete_untagged`, manifests) nothing references.
+    Gc {
+        /// Report what would be freed without deleting anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "SLIPWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (default /var/lib/slipway).
+    #[arg(long, env = "SLIPWAY_DATA")]
+    data: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:5000).
+    #[arg(long, env = "SLIPWAY_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain; enables TLS together with --tls-key.
+    #[arg(long, env = "SLIPWAY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long, env = "SLIPWAY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and print the resolved settings.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    slipway_app::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Gc { dry_run, json } => gc(&cli.server, dry_run, json).await,
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let settings = Settings::resolve(FileConfig::load(&file)?, Overrides::default())?;
+            println!("{} is valid", file.display());
+            println!("listen = {}", settings.listen);
+            println!("data_dir = {}", settings.data_dir.display());
+            println!(
+                "tls = {}",
+                if settings.tls.is_some() { "on" } else { "off" }
+            );
+            println!(
+                "gc = {} (grace {}, delete_untagged {})",
+                settings
+                    .gc
+                    .interval
+                    .map_or("on demand".to_owned(), |i| format!(
+                        "every {}",
+                        slipway_core::format_duration(i.0)
+                    )),
+                slipway_core::format_duration(settings.gc.grace_period.0),
+                settings.gc.delete_untagged
+            );
+            println!("webhooks = {}", settings.webhooks.len());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let settings = Settings::resolve(
+        file,
+        Overrides {
+            listen: args.listen,
+            data_dir: args.data,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+        },
+    )?;
+    slipway_app::serve(settings, shutdown_signal(), |_| {}).await
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the process can still be stopped by SIGKILL.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn gc(server: &str, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let client = AdminClient::new(server)?;
+    let path = if dry_run {
+        "/api/v1/gc?dry_run=true"
+    } else {
+        "/api/v1/gc"
+    };
+    let report = client
+        .post_json(path)
+        .await
+        .context("garbage collection failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    let empty = Vec::new();
+    let blobs = report["blobs"].as_array().unwrap_or(&empty);
+    let manifests = report["manifests"].as_array().unwrap_or(&empty);
+    for m in manifests {
+        println!(
+            "manifest {}@{}",
+            m[0].as_str().unwrap_or("?"),
+            m[1].as_str().unwrap_or("?")
+        );
+    }
+    for b in blobs {
+        println!("blob {} ({} bytes)", b[0].as_str().unwrap_or("?"), b[1]);
+    }
+    println!(
+        "{verb} {} bytes: {} blobs, {} untagged manifests",
+        report["bytes_freed"],
+        blobs.len(),
+        manifests.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! The one typed configuration, loaded only here.
+//!
+//! Precedence: CLI flag > `SLIPWAY_*` environment (both resolved by the binary's
+//! clap definitions) > TOML file > default. Everything is validated before any port
+//! is bound, and every error names the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use slipway_core::parse_duration;
+
+/// Where the data lives when neither `--data`, `SLIPWAY_DATA` nor `data_dir` says.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/slipway";
+/// Where `slipway serve` listens by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+
+/// A duration written as `"30s"`, `"10m"`, `"1h30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The TOML file, as written.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to listen on, e.g. `"127.0.0.1:5000"`.
+    pub listen: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub shutdown_grace: Option<Dur>,
+    /// TLS certificate and key.
+    pub tls: Option<TlsConfig>,
+    /// Registry limits.
+    #[serde(default)]
+    pub registry: RegistrySection,
+    /// Garbage collection.
+    #[serde(default)]
+    pub gc: GcSection,
+    /// Outgoing webhooks for push and delete events.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// Largest manifest accepted (bytes). Default 4 MiB.
+    pub max_manifest_bytes: usize,
+    /// Upload sessions idle longer than this are purged. Default 24h.
+    pub upload_purge_after: Dur,
+    /// How often to look for abandoned uploads. Default 10m.
+    pub upload_purge_interval: Dur,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self {
+            max_manifest_bytes: 4 << 20,
+            upload_purge_after: Dur(Duration::from_secs(24 * 3600)),
+            upload_purge_interval: Dur(Duration::from_secs(600)),
+        }
+    }
+}
+
+/// `[gc]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcSection {
+    /// Run GC periodically at this interval. Default: only on demand.
+    pub interval: Option<Dur>,
+    /// Anything pushed or looked up more recently than this is kept. Default 1h.
+    pub grace_period: Dur,
+    /// Also delete manifests no tag or index references. Default false.
+    pub delete_untagged: bool,
+}
+
+impl Default for GcSection {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            grace_period: Dur(Duration::from_secs(3600)),
+            delete_untagged: false,
+        }
+    }
+}
+
+/// `[[webhooks]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://host:port/path` to POST each event to.
+    pub url: String,
+    /// Per-attempt timeout. Default 5s.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: Dur,
+    /// Attempts before an event is dropped. Default 5.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_webhook_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+
+/// Values given on the command line or through `SLIPWAY_*` variables.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--data`
+    pub data_dir: Option<PathBuf>,
+    /// `--tls-cert`
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The resolved, validated settings `slipway serve` runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Shutdown grace.
+    pub shutdown_grace: Duration,
+    /// TLS, if enabled.
+    pub tls: Option<TlsConfig>,
+    /// Registry limits.
+    pub registry: RegistrySection,
+    /// GC.
+    pub gc: GcSection,
+    /// Webhooks.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// A configuration problem, naming the field and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (the message carries line and column).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, with position.
+        message: String,
+    },
+    /// A value is well-formed but unusable.
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        /// Dotted field path.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+// === impl FileConfig ===
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+}
+
+// === impl Settings ===
+
+impl Settings {
+    /// Merges overrides over the file over defaults, and validates the result.
+    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Self, ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            field: field.to_owned(),
+            message,
+        };
+        let listen = o.listen.or(file.listen).unwrap_or_else(|| {
+            DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| ([127, 0, 0, 1], 5000).into())
+        });
+        let data_dir = o
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let tls = match (o.tls_cert, o.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+            (None, None) => file.tls,
+            (Some(_), None) => {
+                return Err(invalid("tls.key", "--tls-cert needs --tls-key too".into()));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls.cert", "--tls-key needs --tls-cert too".into()));
+            }
+        };
+        if let Some(t) = &tls {
+            for (field, p) in [("tls.cert", &t.cert), ("tls.key", &t.key)] {
+                if !p.is_file() {
+                    return Err(invalid(
+                        field,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+        }
+        if file.registry.max_manifest_bytes < 1024 {
+            return Err(invalid(
+                "registry.max_manifest_bytes",
+                format!(
+                    "{} is too small: use at least 1024",
+                    file.registry.max_manifest_bytes
+                ),
+            ));
+        }
+        if file.registry.upload_purge_interval.0.is_zero() {
+            return Err(invalid(
+                "registry.upload_purge_interval",
+                "must be greater than zero".into(),
+            ));
+        }
+        if file.gc.interval.is_some_and(|i| i.0.is_zero()) {
+            return Err(invalid(
+                "gc.interval",
+                "must be greater than zero, or omitted for on-demand GC".into(),
+            ));
+        }
+        for (i, w) in file.webhooks.iter().enumerate() {
+            if !w.url.starts_with("http://") || w.url.len() <= "http://".len() {
+                return Err(invalid(
+                    &format!("webhooks[{i}].url"),
+                    format!(
+                        "{:?} must be an http:// URL (https webhooks are not supported yet)",
+                        w.url
+                    ),
+                ));
+            }
+            if w.url.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    &format!("webhooks[{i}].url"),
+                    format!("{:?} is not a valid URL", w.url),
+                ));
+            }
+            if w.max_attempts == 0 {
+                return Err(invalid(
+                    &format!("webhooks[{i}].max_attempts"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        Ok(Self {
+            listen,
+            data_dir,
+            shutdown_grace: file.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+            tls,
+            registry: file.registry,
+            gc: file.gc,
+            webhooks: file.webhooks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses_and_flags_override_the_file() {
+        let file = FileConfig::parse(
+            r#"
+listen = "127.0.0.1:6000"
+data_dir = "/tmp/x"
+shutdown_grace = "5s"
+[registry]
+max_manifest_bytes = 2048
+upload_purge_after = "2h"
+[gc]
+interval = "30m"
+grace_period = "10m"
+delete_untagged = true
+[[webhooks]]
+url = "http://127.0.0.1:9/hook"
+max_attempts = 3
+"#,
+        )
+        .expect("parses");
+        let s = Settings::resolve(
+            file,
+            Overrides {
+                listen: Some("127.0.0.1:7000".parse().expect("addr")),
+                ..Overrides::default()
+            },
+        )
+        .expect("valid");
+        assert_eq!(s.listen.port(), 7000);
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(s.gc.interval, Some(Dur(Duration::from_secs(1800))));
+        assert_eq!(s.webhooks[0].timeout, Dur(Duration::from_secs(5)));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field_and_position() {
+        let e = FileConfig::parse("[gc]\ngrace = \"1h\"\n").expect_err("unknown field");
+        assert!(
+            e.contains("unknown field `grace`") && e.contains("line 2"),
+            "{e}"
+        );
+        let e = FileConfig::parse("[gc]\ngrace_period = \"soon\"\n").expect_err("bad duration");
+        assert!(e.contains("line 2") && e.contains("\"soon\""), "{e}");
+        let e = FileConfig::parse("listen = \"nowhere\"").expect_err("bad addr");
+        assert!(e.contains("listen") || e.contains("line 1"), "{e}");
+        let bad = FileConfig::parse("[[webhooks]]\nurl = \"ftp://x\"\n").expect("parses");
+        let e = Settings::resolve(bad, Overrides::default()).expect_err("bad url");
+        assert!(e.to_string().contains("webhooks[0].url"), "{e}");
+    }
+}

@@ -1,0 +1,93 @@
+//! The one listener's router: `/v2` (registry), `/api/v1` (admin), `/metrics`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use slipway_registry::{Code, Registry, RegistryError, RouteLabel};
+use slipway_store::GcOptions;
+
+use crate::metrics::AppMetrics;
+use crate::tasks;
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub registry: Registry,
+    pub metrics: Arc<AppMetrics>,
+    pub gc: slipway_store::GcOptions,
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/api/v1/gc", axum::routing::post(run_gc))
+        .route("/api/v1/status", axum::routing::get(status))
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state(state.clone());
+    slipway_registry::router(state.registry.clone())
+        .merge(admin)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state, count_requests))
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let path_label = match req.uri().path() {
+        "/metrics" => "metrics",
+        p if p.starts_with("/api/") => "admin",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    let label = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or(path_label, |l| l.0);
+    state.metrics.record(label, &method, resp.status().as_u16());
+    resp
+}
+
+async fn not_found(req: Request) -> Response {
+    RegistryError::new(
+        Code::Unsupported,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .with_status(StatusCode::NOT_FOUND)
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(
+        state.registry.metrics(),
+        state.registry.store().stored_bytes(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "data_dir": state.registry.store().root(),
+        "stored_bytes": state.registry.store().stored_bytes(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct GcQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Response {
+    let opts = GcOptions {
+        dry_run: q.dry_run,
+        ..state.gc.clone()
+    };
+    match tasks::gc_once(&state, opts).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => RegistryError::from(e).into_response(),
+    }
+}

@@ -1,0 +1,185 @@
+//! The listener: plain or TLS, HTTP/1.1 and h2, with graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use slipway_registry::{Registry, RegistryConfig, RegistryEvent};
+use slipway_store::{GcOptions, Store};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+use crate::config::{Settings, TlsConfig};
+use crate::http::{AppState, router};
+use crate::metrics::AppMetrics;
+use crate::tasks;
+
+/// Runs `slipway serve` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish within the configured grace, and returns.
+///
+/// `on_ready` is called with the bound address once the listener is up.
+pub async fn serve(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
+    let tls = settings.tls.as_ref().map(load_tls).transpose()?;
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let data_dir = settings.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await?
+        .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+    let store = Arc::new(store);
+
+    let (events, _) = broadcast::channel::<RegistryEvent>(1024);
+    let registry = Registry::new(
+        store.clone(),
+        RegistryConfig {
+            max_manifest_bytes: settings.registry.max_manifest_bytes,
+        },
+        events.clone(),
+    );
+    let metrics = Arc::new(AppMetrics::default());
+    let state = AppState {
+        registry,
+        metrics: metrics.clone(),
+        gc: GcOptions {
+            dry_run: false,
+            delete_untagged: settings.gc.delete_untagged,
+            grace: settings.gc.grace_period.0,
+        },
+    };
+
+    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another process using it? pick another with --listen",
+            settings.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(tasks::purge_loop(
+        store.clone(),
+        settings.registry.upload_purge_after.0,
+        settings.registry.upload_purge_interval.0,
+        stop_rx.clone(),
+    ));
+    if let Some(every) = settings.gc.interval {
+        background.spawn(tasks::gc_loop(state.clone(), every.0, stop_rx.clone()));
+    }
+    if !settings.webhooks.is_empty() {
+        background.spawn(tasks::webhook_loop(
+            settings.webhooks.clone(),
+            events.subscribe(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+    }
+
+    let app = router(state);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(data_dir = %settings.data_dir.display(), "listening on {scheme}://{addr}");
+    on_ready(addr);
+
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let res = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        return;
+                    }
+                },
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(%peer, "connection ended with error: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within the shutdown grace; closing them");
+    }
+    while background.join_next().await.is_some() {}
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn load_tls(cfg: &TlsConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&cfg.cert)
+            .with_context(|| format!("cannot open TLS certificate {}", cfg.cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("TLS certificate {} is not valid PEM", cfg.cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "TLS certificate {} holds no certificate",
+            cfg.cert.display()
+        );
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(&cfg.key)
+            .with_context(|| format!("cannot open TLS key {}", cfg.key.display()))?,
+    ))
+    .with_context(|| format!("TLS key {} is not valid PEM", cfg.key.display()))?
+    .with_context(|| format!("TLS key {} holds no private key", cfg.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol setup failed")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,161 @@
+//! Background work: periodic GC, purging abandoned uploads, webhook delivery.
+//! Every task takes a shutdown watch and returns when it fires.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use slipway_registry::RegistryEvent;
+use slipway_store::{GcOptions, GcReport, Store, StoreError};
+use tokio::sync::{broadcast, watch};
+
+use crate::config::WebhookConfig;
+use crate::http::AppState;
+use crate::metrics::AppMetrics;
+
+pub(crate) async fn gc_once(state: &AppState, opts: GcOptions) -> Result<GcReport, StoreError> {
+    let store = state.registry.store().clone();
+    let report = tokio::task::spawn_blocking(move || store.gc(&opts))
+        .await
+        .map_err(|e| StoreError::Db(format!("gc task failed: {e}")))??;
+    if !report.dry_run {
+        state.metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
+        state
+            .metrics
+            .gc_freed_bytes
+            .fetch_add(report.bytes_freed, Ordering::Relaxed);
+    }
+    tracing::info!(
+        dry_run = report.dry_run,
+        blobs = report.blobs.len(),
+        manifests = report.manifests.len(),
+        bytes = report.bytes_freed,
+        "garbage collection finished"
+    );
+    Ok(report)
+}
+
+pub(crate) async fn gc_loop(state: AppState, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await; // the first tick is immediate; wait a whole interval first
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = gc_once(&state, state.gc.clone()).await {
+                    tracing::error!("periodic garbage collection failed: {e}");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+pub(crate) async fn purge_loop(
+    store: Arc<Store>,
+    max_age: Duration,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.purge_uploads(max_age)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(removed = n, "purged abandoned uploads"),
+                    Ok(Err(e)) => tracing::error!("purging uploads failed: {e}"),
+                    Err(e) => tracing::error!("purge task failed: {e}"),
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Delivers every event to every webhook as a JSON POST, retrying with exponential
+/// backoff (0.5s, 1s, 2s, … capped at 30s) up to the hook's `max_attempts`.
+pub(crate) async fn webhook_loop(
+    hooks: Vec<WebhookConfig>,
+    mut events: broadcast::Receiver<RegistryEvent>,
+    metrics: Arc<AppMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = shutdown.changed() => return,
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    dropped = n,
+                    "webhook delivery fell behind; events were dropped"
+                );
+                metrics.webhook_failures.fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let body = match serde_json::to_vec(&serde_json::json!({ "events": [event] })) {
+            Ok(b) => Bytes::from(b),
+            Err(_) => continue,
+        };
+        for hook in &hooks {
+            let (client, hook, body, metrics, shutdown) = (
+                client.clone(),
+                hook.clone(),
+                body.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(deliver(client, hook, body, metrics, shutdown));
+        }
+    }
+}
+
+async fn deliver(
+    client: Client<HttpConnector, Full<Bytes>>,
+    hook: WebhookConfig,
+    body: Bytes,
+    metrics: Arc<AppMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    for attempt in 1..=hook.max_attempts {
+        let req = http::Request::post(&hook.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body.clone()));
+        let Ok(req) = req else { return };
+        let outcome = tokio::time::timeout(hook.timeout.0, client.request(req)).await;
+        match outcome {
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                metrics.webhook_deliveries.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(Ok(resp)) => {
+                tracing::warn!(url = %hook.url, attempt, status = %resp.status(), "webhook refused event")
+            }
+            Ok(Err(e)) => tracing::warn!(url = %hook.url, attempt, "webhook delivery failed: {e}"),
+            Err(_) => tracing::warn!(url = %hook.url, attempt, "webhook delivery timed out"),
+        }
+        if attempt == hook.max_attempts {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+    metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(url = %hook.url, "webhook event dropped after {} attempts", hook.max_attempts);
+}

@@ -1,0 +1,747 @@
+//! The `/v2` handlers.
+
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use slipway_core::{Digest, Reference, RepoName, media};
+use slipway_store::{StoreError, UploadWriter};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::error::{Code, RegistryError, Result, range_header};
+use crate::route::{self, Route};
+use crate::{Action, Registry};
+
+const API_VERSION: &str = "registry/2.0";
+
+/// Marks a response with the route it served, for request metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
+pub(crate) fn router(registry: Registry) -> Router {
+    Router::new()
+        .route("/v2", axum::routing::any(dispatch))
+        .route("/v2/", axum::routing::any(dispatch))
+        .route("/v2/{*rest}", axum::routing::any(dispatch))
+        .with_state(registry)
+}
+
+async fn dispatch(State(reg): State<Registry>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let rest = path
+        .strip_prefix("/v2")
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let (label, mut resp) = match route::parse(rest) {
+        Ok(route) => {
+            let label = route.label();
+            let resp = match handle(&reg, route, req).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            };
+            (label, resp)
+        }
+        Err(e) => ("unknown", e.into_response()),
+    };
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
+    resp.extensions_mut().insert(RouteLabel(label));
+    resp
+}
+
+fn not_allowed(method: &Method, allow: &'static str) -> RegistryError {
+    RegistryError::new(
+        Code::Unsupported,
+        format!("method {method} is not allowed here (allowed: {allow})"),
+    )
+    .with_status(StatusCode::METHOD_NOT_ALLOWED)
+    .with_header(header::ALLOW, allow)
+}
+
+async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response> {
+    let method = req.method().clone();
+    let query = parse_query(req.uri().query());
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => {
+            Ok((StatusCode::OK, axum::Json(serde_json::json!({}))).into_response())
+        }
+        (Route::Base, m) => Err(not_allowed(&m, "GET, HEAD")),
+        (Route::Catalog, Method::GET) => catalog(reg, &query).await,
+        (Route::Catalog, m) => Err(not_allowed(&m, "GET")),
+        (Route::Tags(repo), Method::GET) => tags(reg, repo, &query).await,
+        (Route::Tags(_), m) => Err(not_allowed(&m, "GET")),
+        (Route::Manifest(repo, r), Method::GET) => get_manifest(reg, repo, r, true).await,
+        (Route::Manifest(repo, r), Method::HEAD) => get_manifest(reg, repo, r, false).await,
+        (Route::Manifest(repo, r), Method::PUT) => put_manifest(reg, repo, r, req).await,
+        (Route::Manifest(repo, r), Method::DELETE) => delete_manifest(reg, repo, r).await,
+        (Route::Manifest(..), m) => Err(not_allowed(&m, "GET, HEAD, PUT, DELETE")),
+        (Route::Blob(repo, d), Method::GET) => get_blob(reg, repo, d, req.headers(), true).await,
+        (Route::Blob(repo, d), Method::HEAD) => get_blob(reg, repo, d, req.headers(), false).await,
+        (Route::Blob(repo, d), Method::DELETE) => {
+            blocking(reg, move |s| s.delete_blob(&repo, &d)).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        (Route::Blob(..), m) => Err(not_allowed(&m, "GET, HEAD, DELETE")),
+        (Route::UploadStart(repo), Method::POST) => start_upload(reg, repo, &query, req).await,
+        (Route::UploadStart(_), m) => Err(not_allowed(&m, "POST")),
+        (Route::Upload(repo, id), Method::GET) => {
+            let (r, i) = (repo.clone(), id.clone());
+            let offset = blocking(reg, move |s| s.upload_offset(&r, &i)).await?;
+            Ok(upload_accepted(StatusCode::NO_CONTENT, &repo, &id, offset))
+        }
+        (Route::Upload(repo, id), Method::PATCH) => patch_upload(reg, repo, id, req).await,
+        (Route::Upload(repo, id), Method::PUT) => finish_upload(reg, repo, id, &query, req).await,
+        (Route::Upload(repo, id), Method::DELETE) => {
+            blocking(reg, move |s| s.cancel_upload(&repo, &id)).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (Route::Upload(..), m) => Err(not_allowed(&m, "GET, PATCH, PUT, DELETE")),
+        (Route::Referrers(repo, d), Method::GET) => referrers(reg, repo, d, &query).await,
+        (Route::Referrers(..), m) => Err(not_allowed(&m, "GET")),
+    }
+}
+
+/// Runs a blocking store call off the async workers.
+async fn blocking<T, F>(reg: &Registry, f: F) -> Result<T>
+where
+    F: FnOnce(&slipway_store::Store) -> std::result::Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = reg.store.clone();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(r) => r.map_err(RegistryError::from),
+        Err(e) => Err(RegistryError::new(
+            Code::Unknown,
+            format!("store task failed: {e}"),
+        )),
+    }
+}
+
+fn parse_query(q: Option<&str>) -> HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn page_size(query: &HashMap<String, String>) -> Result<Option<usize>> {
+    query
+        .get("n")
+        .map(|n| {
+            n.parse::<usize>().map_err(|_| {
+                RegistryError::new(
+                    Code::PaginationNumberInvalid,
+                    format!("n={n:?} is not a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn paged(
+    items: Vec<String>,
+    n: Option<usize>,
+    link_base: &str,
+    key: &str,
+    extra: serde_json::Value,
+) -> Response {
+    let mut items = items;
+    let mut link = None;
+    if let Some(n) = n {
+        if items.len() > n {
+            items.truncate(n);
+            if let Some(last) = items.last() {
+                link = Some(format!("<{link_base}?n={n}&last={last}>; rel=\"next\""));
+            }
+        }
+    }
+    let mut body = extra;
+    body[key] = serde_json::json!(items);
+    let mut resp = axum::Json(body).into_response();
+    if let Some(l) = link {
+        resp.headers_mut().insert(header::LINK, hv(&l));
+    }
+    resp
+}
+
+async fn catalog(reg: &Registry, query: &HashMap<String, String>) -> Result<Response> {
+    let n = page_size(query)?;
+    let last = query.get("last").cloned();
+    let repos = blocking(reg, move |s| {
+        s.list_repos(last.as_deref(), n.map(|n| n + 1))
+    })
+    .await?;
+    Ok(paged(
+        repos,
+        n,
+        "/v2/_catalog",
+        "repositories",
+        serde_json::json!({}),
+    ))
+}
+
+async fn tags(reg: &Registry, repo: RepoName, query: &HashMap<String, String>) -> Result<Response> {
+    let n = page_size(query)?;
+    let last = query.get("last").cloned();
+    let r = repo.clone();
+    let tags = blocking(reg, move |s| {
+        s.list_tags(&r, last.as_deref(), n.map(|n| n + 1))
+    })
+    .await?;
+    Ok(paged(
+        tags,
+        n,
+        &format!("/v2/{repo}/tags/list"),
+        "tags",
+        serde_json::json!({ "name": repo.as_str() }),
+    ))
+}
+
+async fn get_manifest(
+    reg: &Registry,
+    repo: RepoName,
+    r: Reference,
+    with_body: bool,
+) -> Result<Response> {
+    let (meta, bytes) = if with_body {
+        let (m, b) = blocking(reg, move |s| s.get_manifest(&repo, &r)).await?;
+        (m, Some(b))
+    } else {
+        (
+            blocking(reg, move |s| s.stat_manifest(&repo, &r)).await?,
+            None,
+        )
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, hv(&meta.media_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
+    headers.insert("docker-content-digest", hv(&meta.digest.to_string()));
+    headers.insert(header::ETAG, hv(&format!("\"{}\"", meta.digest)));
+    match bytes {
+        Some(b) => {
+            reg.metrics
+                .bytes_out
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
+            Ok((StatusCode::OK, headers, b).into_response())
+        }
+        None => Ok((StatusCode::OK, headers).into_response()),
+    }
+}
+
+async fn put_manifest(
+    reg: &Registry,
+    repo: RepoName,
+    r: Reference,
+    req: Request,
+) -> Result<Response> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let limit = reg.config.max_manifest_bytes;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(too_large(limit));
+        }
+    }
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                too_large(limit)
+            } else {
+                RegistryError::new(
+                    Code::ManifestInvalid,
+                    format!("could not read manifest body: {e}"),
+                )
+            }
+        })?;
+    reg.metrics
+        .bytes_in
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    let rr = repo.clone();
+    let put = blocking(reg, move |s| {
+        s.put_manifest(&rr, &r, &body, content_type.as_deref())
+    })
+    .await?;
+    let digest = put.digest.to_string();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::LOCATION,
+        hv(&format!("/v2/{repo}/manifests/{digest}")),
+    );
+    headers.insert("docker-content-digest", hv(&digest));
+    if let Some(subject) = &put.subject {
+        headers.insert("oci-subject", hv(&subject.to_string()));
+    }
+    reg.publish(
+        Action::Push,
+        repo.as_str(),
+        put.tag.map(|t| t.to_string()),
+        digest,
+        put.media_type,
+    );
+    Ok((StatusCode::CREATED, headers).into_response())
+}
+
+fn too_large(limit: usize) -> RegistryError {
+    RegistryError::new(
+        Code::ManifestInvalid,
+        format!("manifest is larger than the {limit}-byte limit"),
+    )
+    .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+async fn delete_manifest(reg: &Registry, repo: RepoName, r: Reference) -> Result<Response> {
+    let rr = repo.clone();
+    match r {
+        Reference::Digest(d) => {
+            let (meta, tags) = blocking(reg, move |s| s.delete_manifest(&rr, &d)).await?;
+            reg.publish(
+                Action::Delete,
+                repo.as_str(),
+                None,
+                meta.digest.to_string(),
+                meta.media_type.clone(),
+            );
+            for t in tags {
+                reg.publish(
+                    Action::Delete,
+                    repo.as_str(),
+                    Some(t.to_string()),
+                    meta.digest.to_string(),
+                    meta.media_type.clone(),
+                );
+            }
+        }
+        Reference::Tag(t) => {
+            let tt = t.clone();
+            let (digest, media_type) = blocking(reg, move |s| {
+                let meta = s.stat_manifest(&rr, &Reference::Tag(tt.clone()))?;
+                s.delete_tag(&rr, &tt)?;
+                Ok((meta.digest, meta.media_type))
+            })
+            .await?;
+            reg.publish(
+                Action::Delete,
+                repo.as_str(),
+                Some(t.to_string()),
+                digest.to_string(),
+                media_type,
+            );
+        }
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// A single `bytes=` range, resolved against `size`: `Ok(None)` means the whole blob.
+fn parse_range(h: Option<&HeaderValue>, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+    let Some(h) = h else { return Ok(None) };
+    let s = h.to_str().map_err(|_| ())?.trim();
+    let spec = s.strip_prefix("bytes=").ok_or(())?;
+    if spec.contains(',') {
+        return Err(()); // multiple ranges are not supported
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            if n == 0 || size == 0 {
+                return Err(());
+            }
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().map_err(|_| ())?, size.saturating_sub(1)),
+        (a, b) => {
+            let (a, b): (u64, u64) = (a.parse().map_err(|_| ())?, b.parse().map_err(|_| ())?);
+            (a, b.min(size.saturating_sub(1)))
+        }
+    };
+    if start >= size || start > end {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn get_blob(
+    reg: &Registry,
+    repo: RepoName,
+    digest: Digest,
+    req_headers: &HeaderMap,
+    with_body: bool,
+) -> Result<Response> {
+    let d = digest.clone();
+    let size = blocking(reg, move |s| s.stat_blob(&repo, &d)).await?;
+    let mut headers = HeaderMap::new();
+    headers.insert("docker-content-digest", hv(&digest.to_string()));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::ETAG, hv(&format!("\"{digest}\"")));
+    let range = match parse_range(req_headers.get(header::RANGE), size) {
+        Ok(r) => r,
+        Err(()) => {
+            return Err(RegistryError::new(
+                Code::BlobUnknown,
+                format!("range not satisfiable for a blob of {size} bytes"),
+            )
+            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .with_header(header::CONTENT_RANGE, &format!("bytes */{size}")));
+        }
+    };
+    let (status, start, len) = match range {
+        Some((a, b)) => {
+            headers.insert(header::CONTENT_RANGE, hv(&format!("bytes {a}-{b}/{size}")));
+            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
+        }
+        None => (StatusCode::OK, 0, size),
+    };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if !with_body {
+        return Ok((status, headers).into_response());
+    }
+    let path = reg.store.blob_file(&digest);
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| RegistryError::from(StoreError::io(format!("open blob {digest}"), e)))?;
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(|e| RegistryError::from(StoreError::io("seek blob", e)))?;
+    }
+    reg.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
+    let stream = ReaderStream::with_capacity(file.take(len), 256 << 10);
+    Ok((status, headers, Body::from_stream(stream)).into_response())
+}
+
+fn upload_accepted(status: StatusCode, repo: &RepoName, id: &str, offset: u64) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::LOCATION,
+        hv(&format!("/v2/{repo}/blobs/uploads/{id}")),
+    );
+    headers.insert(header::RANGE, hv(&range_header(offset)));
+    headers.insert("docker-upload-uuid", hv(id));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    (status, headers).into_response()
+}
+
+fn blob_created(repo: &RepoName, digest: &Digest) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::LOCATION, hv(&format!("/v2/{repo}/blobs/{digest}")));
+    headers.insert("docker-content-digest", hv(&digest.to_string()));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    (StatusCode::CREATED, headers).into_response()
+}
+
+fn query_digest(query: &HashMap<String, String>) -> Result<Option<Digest>> {
+    query
+        .get("digest")
+        .map(|d| d.parse().map_err(RegistryError::from))
+        .transpose()
+}
+
+async fn start_upload(
+    reg: &Registry,
+    repo: RepoName,
+    query: &HashMap<String, String>,
+    req: Request,
+) -> Result<Response> {
+    if let Some(mount) = query.get("mount") {
+        let digest: Digest = mount.parse()?;
+        // A bad or unknown `from` is not an error: the spec says to fall back to an upload.
+        if let Some(from) = query.get("from").and_then(|f| f.parse::<RepoName>().ok()) {
+            let (to, d) = (repo.clone(), digest.clone());
+            if blocking(reg, move |s| s.mount_blob(&from, &to, &d)).await? {
+                return Ok(blob_created(&repo, &digest));
+            }
+        }
+    }
+    let digest = query_digest(query)?;
+    let r = repo.clone();
+    let id = blocking(reg, move |s| s.start_upload(&r))
+        .await?
+        .to_string();
+    let Some(digest) = digest else {
+        return Ok(upload_accepted(StatusCode::ACCEPTED, &repo, &id, 0));
+    };
+    // Monolithic upload: the whole blob is in this request.
+    let started = tokio::time::Instant::now();
+    let (r, i) = (repo.clone(), id.clone());
+    let writer = blocking(reg, move |s| s.upload_writer(&r, &i, Some(0))).await?;
+    let (writer, res) = stream_body(reg, writer, req.into_body(), None).await;
+    if let Err(e) = res {
+        drop(writer);
+        let (r, i) = (repo.clone(), id.clone());
+        let _ = blocking(reg, move |s| s.cancel_upload(&r, &i)).await;
+        return Err(e);
+    }
+    let (r, d) = (repo.clone(), digest.clone());
+    blocking(reg, move |s| s.finish_upload(&r, writer, &d)).await?;
+    reg.metrics.upload_duration.observe(started.elapsed());
+    Ok(blob_created(&repo, &digest))
+}
+
+/// Parses `Content-Range: <start>-<end>` (also accepting a `bytes ` prefix).
+fn content_range(h: &HeaderMap) -> Result<Option<(u64, u64)>> {
+    let Some(v) = h.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let bad = || {
+        RegistryError::new(
+            Code::BlobUploadInvalid,
+            "Content-Range must be <start>-<end>",
+        )
+        .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    let s = s.strip_prefix("bytes ").unwrap_or(s);
+    let s = s.split('/').next().unwrap_or(s);
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if b < a {
+        return Err(bad());
+    }
+    Ok(Some((a, b)))
+}
+
+async fn write_chunk(
+    reg: &Registry,
+    repo: &RepoName,
+    id: &str,
+    req: Request,
+) -> Result<UploadWriter> {
+    let range = content_range(req.headers())?;
+    let (r, i) = (repo.clone(), id.to_owned());
+    let writer = blocking(reg, move |s| s.upload_writer(&r, &i, range.map(|(a, _)| a))).await?;
+    let limit = range.map(|(a, b)| b - a + 1);
+    let start = writer.offset();
+    let (writer, res) = stream_body(reg, writer, req.into_body(), limit).await;
+    res?;
+    if let Some(limit) = limit {
+        let got = writer.offset() - start;
+        if got != limit {
+            let offset = writer.offset();
+            return Err(RegistryError::new(
+                Code::BlobUploadInvalid,
+                format!("Content-Range announced {limit} bytes but the body had {got}"),
+            )
+            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .with_header(header::RANGE, &range_header(offset)));
+        }
+    }
+    Ok(writer)
+}
+
+async fn patch_upload(
+    reg: &Registry,
+    repo: RepoName,
+    id: String,
+    req: Request,
+) -> Result<Response> {
+    let started = tokio::time::Instant::now();
+    let writer = write_chunk(reg, &repo, &id, req).await?;
+    let offset = writer.offset();
+    drop(writer);
+    reg.metrics.upload_duration.observe(started.elapsed());
+    Ok(upload_accepted(StatusCode::ACCEPTED, &repo, &id, offset))
+}
+
+async fn finish_upload(
+    reg: &Registry,
+    repo: RepoName,
+    id: String,
+    query: &HashMap<String, String>,
+    req: Request,
+) -> Result<Response> {
+    let Some(digest) = query_digest(query)? else {
+        return Err(RegistryError::new(
+            Code::DigestInvalid,
+            "PUT to finish an upload needs ?digest=<digest>",
+        ));
+    };
+    let started = tokio::time::Instant::now();
+    let writer = write_chunk(reg, &repo, &id, req).await?;
+    let (r, d) = (repo.clone(), digest.clone());
+    blocking(reg, move |s| s.finish_upload(&r, writer, &d)).await?;
+    reg.metrics.upload_duration.observe(started.elapsed());
+    Ok(blob_created(&repo, &digest))
+}
+
+/// Streams a request body into an upload session on a blocking thread. Returns the
+/// writer in every case so the session keeps exactly the bytes that were written.
+async fn stream_body(
+    reg: &Registry,
+    writer: UploadWriter,
+    body: Body,
+    limit: Option<u64>,
+) -> (UploadWriter, Result<()>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let task = tokio::task::spawn_blocking(move || {
+        let mut w = writer;
+        while let Some(chunk) = rx.blocking_recv() {
+            if let Err(e) = w.write(&chunk) {
+                return (w, Err(RegistryError::from(e)));
+            }
+        }
+        (w, Ok(()))
+    });
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    let mut res = Ok(());
+    loop {
+        let next = tokio::time::timeout(crate::BODY_IDLE_TIMEOUT, stream.next()).await;
+        let chunk = match next {
+            Ok(Some(Ok(c))) => c,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                res = Err(RegistryError::new(
+                    Code::BlobUploadInvalid,
+                    format!("request body ended early: {e}"),
+                ));
+                break;
+            }
+            Err(_) => {
+                res = Err(
+                    RegistryError::new(Code::BlobUploadInvalid, "request body stalled")
+                        .with_status(StatusCode::REQUEST_TIMEOUT),
+                );
+                break;
+            }
+        };
+        total += chunk.len() as u64;
+        if limit.is_some_and(|l| total > l) {
+            res = Err(RegistryError::new(
+                Code::BlobUploadInvalid,
+                "body is longer than its Content-Range",
+            )
+            .with_status(StatusCode::RANGE_NOT_SATISFIABLE));
+            break;
+        }
+        reg.metrics
+            .bytes_in
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if tx.send(chunk).await.is_err() {
+            break; // the writer failed; its error is returned below
+        }
+    }
+    drop(tx);
+    match task.await {
+        Ok((w, Err(e))) => (w, Err(e)),
+        Ok((w, Ok(()))) => (w, res),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn referrers(
+    reg: &Registry,
+    repo: RepoName,
+    subject: Digest,
+    query: &HashMap<String, String>,
+) -> Result<Response> {
+    let filter = query.get("artifactType").cloned();
+    let f = filter.clone();
+    let list = blocking(reg, move |s| s.referrers(&repo, &subject, f.as_deref())).await?;
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_INDEX,
+        "manifests": list,
+    });
+    let mut resp = axum::Json(body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(media::OCI_INDEX),
+    );
+    if filter.is_some() {
+        resp.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_ranges_resolve_against_the_blob_size() {
+        let r = |s: &str| parse_range(Some(&HeaderValue::from_str(s).expect("hv")), 100);
+        assert_eq!(r("bytes=0-9"), Ok(Some((0, 9))));
+        assert_eq!(r("bytes=90-"), Ok(Some((90, 99))));
+        assert_eq!(r("bytes=-10"), Ok(Some((90, 99))));
+        assert_eq!(r("bytes=50-1000"), Ok(Some((50, 99))));
+        for bad in [
+            "bytes=100-",
+            "bytes=5-2",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=-0",
+        ] {
+            assert_eq!(r(bad), Err(()), "{bad}");
+        }
+        assert_eq!(parse_range(None, 100), Ok(None));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let q = parse_query(Some("digest=sha256%3Aab&from=a%2Fb&x"));
+        assert_eq!(q["digest"], "sha256:ab");
+        assert_eq!(q["from"], "a/b");
+        assert_eq!(q["x"], "");
+        assert!(parse_query(Some("d=%zz")).is_empty());
+    }
+}
