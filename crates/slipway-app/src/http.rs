@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use slipway_registry::{Code, Registry, RegistryError, RouteLabel};
+use slipway_registry::{Registry, RegistryError, RouteLabel};
 use slipway_store::GcOptions;
 
 use crate::metrics::AppMetrics;
@@ -27,9 +27,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/status", axum::routing::get(status))
         .route("/metrics", axum::routing::get(metrics))
         .with_state(state.clone());
-    slipway_registry::router(state.registry.clone())
-        .merge(admin)
-        .fallback(not_found)
+    // The registry router is a catch-all: it serves /v2 and answers every other
+    // unknown path with OCI error JSON.
+    admin
+        .fallback_service(slipway_registry::router(state.registry.clone()))
         .layer(axum::middleware::from_fn_with_state(state, count_requests))
 }
 
@@ -47,15 +48,6 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
         .map_or(path_label, |l| l.0);
     state.metrics.record(label, &method, resp.status().as_u16());
     resp
-}
-
-async fn not_found(req: Request) -> Response {
-    RegistryError::new(
-        Code::Unsupported,
-        format!("no route for {} {}", req.method(), req.uri().path()),
-    )
-    .with_status(StatusCode::NOT_FOUND)
-    .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -27,11 +27,9 @@ const API_VERSION: &str = "registry/2.0";
 pub struct RouteLabel(pub &'static str);
 
 pub(crate) fn router(registry: Registry) -> Router {
-    Router::new()
-        .route("/v2", axum::routing::any(dispatch))
-        .route("/v2/", axum::routing::any(dispatch))
-        .route("/v2/{*rest}", axum::routing::any(dispatch))
-        .with_state(registry)
+    // A fallback rather than `/v2/{*rest}` routes: the path must reach the parser
+    // byte for byte (the route matcher treats `//` leniently).
+    Router::new().fallback(dispatch).with_state(registry)
 }
 
 async fn dispatch(State(reg): State<Registry>, req: Request) -> Response {

@@ -1,1 +1,451 @@
-//! placeholder
+//! Test harness for whole-system tests: starts the real `slipway` binary on a free
+//! loopback port with a temp data directory, speaks raw HTTP/1.1 to it (so tests
+//! control every byte, including hostile paths), and stops it by PID on drop.
+//!
+//! `publish = false`; only tests depend on it.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test harness: a failed setup step is a test failure"
+)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `slipway serve`.
+pub struct TestServer {
+    child: Option<Child>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data: PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _tmp: Option<tempfile::TempDir>,
+    bin: PathBuf,
+    extra: Vec<String>,
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names lowercased.
+    pub headers: HashMap<String, String>,
+    /// Body bytes (chunked encoding already removed).
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A header by lowercase name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The first OCI error code in the body.
+    pub fn error_code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// Polls `f` until it returns `Some` or `deadline` passes.
+pub fn poll<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// === impl TestServer ===
+
+impl TestServer {
+    /// Starts `bin serve` with a fresh temp data dir.
+    pub fn start(bin: &str) -> Self {
+        Self::start_with(bin, &[])
+    }
+
+    /// Starts `bin serve` with extra arguments.
+    pub fn start_with(bin: &str, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut s = Self::spawn(
+            Path::new(bin),
+            &data,
+            extra.iter().map(|s| (*s).to_owned()).collect(),
+            None,
+        );
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts on an existing data directory (the caller owns it).
+    pub fn start_on(bin: &str, data: &Path, extra: &[&str]) -> Self {
+        Self::spawn(
+            Path::new(bin),
+            data,
+            extra.iter().map(|s| (*s).to_owned()).collect(),
+            None,
+        )
+    }
+
+    fn spawn(bin: &Path, data: &Path, extra: Vec<String>, listen: Option<SocketAddr>) -> Self {
+        let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(&listen)
+            .args(&extra)
+            .env("SLIPWAY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("listening on ") {
+                    let url = &line[i + "listening on ".len()..];
+                    let addr = url
+                        .split("://")
+                        .nth(1)
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("");
+                    if let (Some(t), Ok(a)) = (tx.take(), addr.parse::<SocketAddr>()) {
+                        let _ = t.send(a);
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("slipway serve did not start: {:?}", log.lock().unwrap());
+        };
+        Self {
+            child: Some(child),
+            addr,
+            data: data.to_owned(),
+            log,
+            _tmp: None,
+            bin: bin.to_owned(),
+            extra,
+        }
+    }
+
+    /// The server's stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `host:port`.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Sends a signal to the server (by its PID) and waits for it to exit.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} failed");
+        child.wait().unwrap()
+    }
+
+    /// `kill -9`s the server and starts it again on the same data dir and port.
+    pub fn crash_and_restart(&mut self) {
+        let status = self.signal_and_wait("KILL");
+        assert!(!status.success());
+        let tmp = self._tmp.take();
+        let addr = self.addr;
+        let mut next = Self::spawn(&self.bin, &self.data, self.extra.clone(), Some(addr));
+        next._tmp = tmp;
+        std::mem::swap(self, &mut next);
+        // `next` now holds the dead child handle (None) and is dropped harmlessly.
+    }
+
+    /// Sends one request and reads the whole response.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        request(self.addr, method, path, headers, body)
+    }
+
+    /// GET shorthand.
+    pub fn get(&self, path: &str) -> Response {
+        self.request("GET", path, &[], b"")
+    }
+
+    /// Pushes a blob monolithically and returns its digest.
+    pub fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = sha256(data);
+        let r = self.request(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+            &[],
+            data,
+        );
+        assert_eq!(
+            r.status,
+            201,
+            "push blob: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        digest
+    }
+
+    /// Pushes an image manifest with the given config and layers under `reference`.
+    pub fn push_image(
+        &self,
+        repo: &str,
+        reference: &str,
+        config: &[u8],
+        layers: &[&[u8]],
+    ) -> (String, Vec<u8>) {
+        let c = self.push_blob(repo, config);
+        let layers: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                let d = self.push_blob(repo, l);
+                format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d}","size":{}}}"#, l.len())
+            })
+            .collect();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[{}]}}"#,
+            config.len(),
+            layers.join(",")
+        )
+        .into_bytes();
+        let r = self.request(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            &manifest,
+        );
+        assert_eq!(
+            r.status,
+            201,
+            "push manifest: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        (sha256(&manifest), manifest)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// sha256 digest string of `data`.
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Opens a connection and writes the request head (and an optional body prefix),
+/// leaving the stream open so the caller can write more or drop it mid-body.
+pub fn open_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let has_len = headers.iter().any(|(k, _)| {
+        k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding")
+    });
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has_len {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (e.g. 413) and close before reading the whole body;
+    // the response is still there to read.
+    let _ = s.write_all(body);
+    s
+}
+
+/// Reads a whole response from a stream opened by [`open_request`].
+pub fn read_response(mut s: TcpStream, method: &str) -> Response {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 << 10];
+    // Keep what arrived even if the connection is then reset.
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    parse_response(&raw, method == "HEAD")
+}
+
+/// One request, whole response.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    read_response(open_request(addr, method, path, headers, body), method)
+}
+
+fn parse_response(raw: &[u8], head_only: bool) -> Response {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut headers = HashMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let mut body = raw[end + 4..].to_vec();
+    if head_only {
+        body.clear();
+    } else if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(i) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&b[..i])
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + size]);
+        b = &b[i + 2 + size + 2..];
+    }
+}
+
+/// Runs a command, panicking with its output if it fails; returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds an OCI image layout at `dir` tagged `tag` from busybox-static and a
+/// generated file, with umoci. Returns the layout path.
+pub fn busybox_layout(dir: &Path, tag: &str) -> PathBuf {
+    let layout = dir.join("layout");
+    run(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    let image = format!("{}:{tag}", layout.display());
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    run(Command::new("umoci").args(["insert", "--image", &image, "/bin/busybox", "/bin/busybox"]));
+    let f = dir.join("hello.txt");
+    std::fs::write(&f, format!("generated for {tag}\n")).unwrap();
+    run(Command::new("umoci")
+        .args(["insert", "--image", &image])
+        .arg(&f)
+        .arg("/hello.txt"));
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.cmd",
+        "/bin/busybox",
+        "--config.cmd",
+        "sh",
+    ]));
+    layout
+}

@@ -1,0 +1,631 @@
+//! Raw-HTTP tests of every registry endpoint and every bad-input case, against the
+//! real `slipway serve` binary.
+
+use slipway_testkit::{TestServer, open_request, read_response, sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_slipway");
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+#[test]
+fn base_endpoint_announces_the_api_version() {
+    let s = TestServer::start(BIN);
+    for m in ["GET", "HEAD"] {
+        let r = s.request(m, "/v2/", &[], b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("docker-distribution-api-version"),
+            Some("registry/2.0")
+        );
+    }
+    let r = s.request("POST", "/v2/", &[], b"");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.error_code(), "UNSUPPORTED");
+}
+
+#[test]
+fn unknown_routes_and_methods_get_oci_errors() {
+    let s = TestServer::start(BIN);
+    let r = s.get("/nowhere");
+    assert_eq!((r.status, r.error_code().as_str()), (404, "UNSUPPORTED"));
+    let r = s.get("/v2/app/unknown/thing");
+    assert_eq!((r.status, r.error_code().as_str()), (404, "UNSUPPORTED"));
+    let r = s.request("PATCH", "/v2/app/manifests/v1", &[], b"");
+    assert_eq!((r.status, r.error_code().as_str()), (405, "UNSUPPORTED"));
+    assert!(r.header("allow").is_some_and(|a| a.contains("PUT")));
+}
+
+#[test]
+fn monolithic_push_then_get_head_and_ranges() {
+    let s = TestServer::start(BIN);
+    let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    let digest = s.push_blob("team/app", &data);
+    let r = s.request("HEAD", &format!("/v2/team/app/blobs/{digest}"), &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("10000"));
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    let r = s.get(&format!("/v2/team/app/blobs/{digest}"));
+    assert_eq!((r.status, r.body.as_slice()), (200, data.as_slice()));
+
+    let r = s.request(
+        "GET",
+        &format!("/v2/team/app/blobs/{digest}"),
+        &[("Range", "bytes=100-199")],
+        b"",
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 100-199/10000"));
+    assert_eq!(r.body, &data[100..200]);
+    let r = s.request(
+        "GET",
+        &format!("/v2/team/app/blobs/{digest}"),
+        &[("Range", "bytes=-10")],
+        b"",
+    );
+    assert_eq!((r.status, r.body.as_slice()), (206, &data[9990..]));
+    let r = s.request(
+        "GET",
+        &format!("/v2/team/app/blobs/{digest}"),
+        &[("Range", "bytes=20000-")],
+        b"",
+    );
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */10000"));
+}
+
+#[test]
+fn chunked_upload_with_status_out_of_order_chunk_and_final_put() {
+    let s = TestServer::start(BIN);
+    let r = s.request("POST", "/v2/app/blobs/uploads/", &[], b"");
+    assert_eq!(r.status, 202);
+    let loc = r.header("location").expect("location").to_owned();
+    let uuid = r.header("docker-upload-uuid").expect("uuid").to_owned();
+    assert!(loc.ends_with(&uuid));
+
+    let r = s.request(
+        "PATCH",
+        &loc,
+        &[
+            ("Content-Range", "0-4"),
+            ("Content-Type", "application/octet-stream"),
+        ],
+        b"hello",
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("range"), Some("0-4"));
+
+    // Out of order: starts at 10 instead of 5.
+    let r = s.request("PATCH", &loc, &[("Content-Range", "10-14")], b"xxxxx");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (416, "BLOB_UPLOAD_INVALID")
+    );
+    assert_eq!(r.header("range"), Some("0-4"));
+    // Beyond its range: declares 3 bytes, sends 5.
+    let r = s.request("PATCH", &loc, &[("Content-Range", "5-7")], b" worl");
+    assert_eq!(r.status, 416);
+
+    let r = s.request("GET", &loc, &[], b"");
+    assert_eq!(r.status, 204);
+    let offset_end: u64 = r
+        .header("range")
+        .expect("range")
+        .split('-')
+        .nth(1)
+        .expect("end")
+        .parse()
+        .expect("num");
+    // Resume from wherever the server says the session is.
+    let have = offset_end + 1;
+    let full = b"hello world!";
+    let rest = &full[usize::try_from(have).expect("fits")..];
+    let r = s.request(
+        "PATCH",
+        &loc,
+        &[(
+            "Content-Range",
+            &format!("{have}-{}", have + rest.len() as u64 - 2),
+        )],
+        &rest[..rest.len() - 1],
+    );
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let digest = sha256(full);
+    // The final PUT carries the last byte.
+    let r = s.request(
+        "PUT",
+        &format!("{loc}?digest={digest}"),
+        &[],
+        &full[full.len() - 1..],
+    );
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert_eq!(s.get(&format!("/v2/app/blobs/{digest}")).body, full);
+
+    // The finished session is gone.
+    let r = s.request("PUT", &format!("{loc}?digest={digest}"), &[], b"");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "BLOB_UPLOAD_UNKNOWN")
+    );
+    let r = s.request("PATCH", "/v2/app/blobs/uploads/not-a-uuid", &[], b"x");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "BLOB_UPLOAD_UNKNOWN")
+    );
+}
+
+#[test]
+fn digest_mismatch_is_refused_and_nothing_becomes_visible() {
+    let s = TestServer::start(BIN);
+    let wrong = sha256(b"something else");
+    let r = s.request(
+        "POST",
+        &format!("/v2/app/blobs/uploads/?digest={wrong}"),
+        &[],
+        b"payload",
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "DIGEST_INVALID"));
+    assert_eq!(
+        s.request("HEAD", &format!("/v2/app/blobs/{wrong}"), &[], b"")
+            .status,
+        404
+    );
+    let real = sha256(b"payload");
+    assert_eq!(
+        s.request("HEAD", &format!("/v2/app/blobs/{real}"), &[], b"")
+            .status,
+        404
+    );
+    let r = s.request(
+        "POST",
+        "/v2/app/blobs/uploads/?digest=sha256:nothex",
+        &[],
+        b"payload",
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "DIGEST_INVALID"));
+    // Upload session cancelled with DELETE.
+    let r = s.request("POST", "/v2/app/blobs/uploads/", &[], b"");
+    let loc = r.header("location").expect("location").to_owned();
+    assert_eq!(s.request("DELETE", &loc, &[], b"").status, 204);
+    assert_eq!(s.request("GET", &loc, &[], b"").status, 404);
+}
+
+#[test]
+fn cross_repository_mount_links_or_falls_back_to_an_upload() {
+    let s = TestServer::start(BIN);
+    let digest = s.push_blob("src/repo", b"layer bytes");
+    assert_eq!(
+        s.request("HEAD", &format!("/v2/dst/blobs/{digest}"), &[], b"")
+            .status,
+        404,
+        "not readable through another repo"
+    );
+    let r = s.request(
+        "POST",
+        &format!("/v2/dst/blobs/uploads/?mount={digest}&from=src/repo"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/v2/dst/blobs/{digest}").as_str())
+    );
+    assert_eq!(
+        s.request("HEAD", &format!("/v2/dst/blobs/{digest}"), &[], b"")
+            .status,
+        200
+    );
+    let missing = sha256(b"never pushed");
+    let r = s.request(
+        "POST",
+        &format!("/v2/dst/blobs/uploads/?mount={missing}&from=src/repo"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 202);
+    assert!(
+        r.header("location")
+            .is_some_and(|l| l.contains("/blobs/uploads/"))
+    );
+}
+
+#[test]
+fn manifests_by_tag_and_digest_with_exact_bytes() {
+    let s = TestServer::start(BIN);
+    let (digest, body) = s.push_image("app", "v1", b"{}", &[b"layer one"]);
+    for reference in ["v1", digest.as_str()] {
+        let r = s.request(
+            "GET",
+            &format!("/v2/app/manifests/{reference}"),
+            &[("Accept", OCI_MANIFEST)],
+            b"",
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, body);
+        assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+        assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+        let h = s.request("HEAD", &format!("/v2/app/manifests/{reference}"), &[], b"");
+        assert_eq!(h.status, 200);
+        assert_eq!(
+            h.header("content-length"),
+            Some(body.len().to_string().as_str())
+        );
+    }
+    // Pushing by digest with whitespace keeps the bytes and their digest.
+    let mut spaced = body.clone();
+    spaced.extend_from_slice(b"\n\n");
+    let d2 = sha256(&spaced);
+    let r = s.request(
+        "PUT",
+        &format!("/v2/app/manifests/{d2}"),
+        &[("Content-Type", OCI_MANIFEST)],
+        &spaced,
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(s.get(&format!("/v2/app/manifests/{d2}")).body, spaced);
+    let r = s.request(
+        "PUT",
+        &format!("/v2/app/manifests/{digest}"),
+        &[("Content-Type", OCI_MANIFEST)],
+        &spaced,
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "DIGEST_INVALID"));
+    assert_eq!(
+        s.get("/v2/app/manifests/v9").error_code(),
+        "MANIFEST_UNKNOWN"
+    );
+}
+
+#[test]
+fn index_docker_and_artifact_manifests_are_accepted() {
+    let s = TestServer::start(BIN);
+    let (child, body) = s.push_image("app", "amd64", b"{}", &[b"l"]);
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{child}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+        body.len()
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/multi",
+        &[("Content-Type", OCI_INDEX)],
+        index.as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let docker_list = index.replace(
+        OCI_INDEX,
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/dlist",
+        &[(
+            "Content-Type",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        )],
+        docker_list.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+    // An index whose child is missing.
+    let bad_index = index.replace(&child, &sha256(b"nope"));
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/bad",
+        &[("Content-Type", OCI_INDEX)],
+        bad_index.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "MANIFEST_BLOB_UNKNOWN")
+    );
+
+    let cfg = s.push_blob(
+        "app",
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    );
+    let docker = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{cfg}","size":5}},"layers":[]}}"#
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/docker",
+        &[(
+            "Content-Type",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )],
+        docker.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        s.get("/v2/app/manifests/docker").header("content-type"),
+        Some("application/vnd.docker.distribution.manifest.v2+json")
+    );
+
+    let empty = s.push_blob("app", b"{}");
+    let artifact = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"application/vnd.example.thing","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{empty}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{child}","size":{}}}}}"#,
+        body.len()
+    );
+    let r = s.request(
+        "PUT",
+        &format!("/v2/app/manifests/{}", sha256(artifact.as_bytes())),
+        &[("Content-Type", OCI_MANIFEST)],
+        artifact.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("oci-subject"), Some(child.as_str()));
+    let refs = s.get(&format!("/v2/app/referrers/{child}"));
+    assert_eq!(refs.status, 200);
+    assert_eq!(refs.header("content-type"), Some(OCI_INDEX));
+    let j = refs.json();
+    assert_eq!(
+        j["manifests"][0]["artifactType"],
+        "application/vnd.example.thing"
+    );
+    assert_eq!(j["manifests"][0]["digest"], sha256(artifact.as_bytes()));
+    let filtered = s.get(&format!(
+        "/v2/app/referrers/{child}?artifactType=application/other"
+    ));
+    assert_eq!(filtered.header("oci-filters-applied"), Some("artifactType"));
+    assert_eq!(
+        filtered.json()["manifests"].as_array().map(Vec::len),
+        Some(0)
+    );
+    // No referrers is an empty index, not a 404.
+    let none = s.get(&format!("/v2/elsewhere/referrers/{child}"));
+    assert_eq!(none.status, 200);
+    assert_eq!(none.json()["manifests"].as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn bad_manifests_get_precise_errors() {
+    let s = TestServer::start(BIN);
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/v1",
+        &[("Content-Type", OCI_MANIFEST)],
+        b"{not json",
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "MANIFEST_INVALID")
+    );
+    let missing = sha256(b"absent");
+    let m = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"x","digest":"{missing}","size":1}},"layers":[]}}"#
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/v1",
+        &[("Content-Type", OCI_MANIFEST)],
+        m.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "MANIFEST_BLOB_UNKNOWN")
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/v1",
+        &[("Content-Type", "text/plain")],
+        br#"{"schemaVersion":2}"#,
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (415, "MANIFEST_INVALID")
+    );
+    let big = vec![b' '; 4 * 1024 * 1024 + 1];
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/v1",
+        &[("Content-Type", OCI_MANIFEST)],
+        &big,
+    );
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (413, "MANIFEST_INVALID")
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/-bad-tag",
+        &[("Content-Type", OCI_MANIFEST)],
+        m.as_bytes(),
+    );
+    assert_eq!((r.status, r.error_code().as_str()), (400, "TAG_INVALID"));
+    // Nothing of the above became a repository.
+    assert_eq!(
+        s.get("/v2/_catalog").json()["repositories"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+}
+
+#[test]
+fn hostile_names_and_digests_never_reach_the_filesystem() {
+    let s = TestServer::start(BIN);
+    let cases = [
+        ("/v2/../../etc/manifests/v1", "NAME_INVALID"),
+        ("/v2/%2e%2e/%2e%2e/etc/manifests/v1", "NAME_INVALID"),
+        ("/v2/app/%2e%2e/x/tags/list", "NAME_INVALID"),
+        ("/v2/UPPER/manifests/v1", "NAME_INVALID"),
+        (
+            "/v2/app/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
+            "DIGEST_INVALID",
+        ),
+        ("/v2/app/blobs/sha256:../../../etc/passwd", "UNSUPPORTED"),
+        (
+            "/v2/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
+            "DIGEST_INVALID",
+        ),
+        ("/v2/app/manifests/..", "TAG_INVALID"),
+        (
+            "/v2/app/blobs/uploads/..%2f..%2fmeta.redb",
+            "BLOB_UPLOAD_UNKNOWN",
+        ),
+        ("/v2/app/referrers/sha256:zz", "DIGEST_INVALID"),
+    ];
+    for (path, code) in cases {
+        let r = s.get(path);
+        assert_eq!(r.error_code(), code, "{path}");
+        assert!(r.status == 400 || r.status == 404, "{path}: {}", r.status);
+    }
+    assert_eq!(s.get("/v2/").status, 200, "server keeps serving");
+}
+
+#[test]
+fn tags_and_catalog_paginate_with_link_headers() {
+    let s = TestServer::start(BIN);
+    for t in ["c", "a", "b", "d"] {
+        s.push_image("one", t, b"{}", &[]);
+    }
+    s.push_image("two/x", "v", b"{}", &[]);
+    let r = s.get("/v2/one/tags/list");
+    assert_eq!(r.json()["tags"], serde_json::json!(["a", "b", "c", "d"]));
+    assert!(r.header("link").is_none());
+    let r = s.get("/v2/one/tags/list?n=2");
+    assert_eq!(r.json()["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(
+        r.header("link"),
+        Some("</v2/one/tags/list?n=2&last=b>; rel=\"next\"")
+    );
+    let r = s.get("/v2/one/tags/list?n=2&last=b");
+    assert_eq!(r.json()["tags"], serde_json::json!(["c", "d"]));
+    assert!(r.header("link").is_none());
+    assert_eq!(s.get("/v2/one/tags/list?n=x").status, 400);
+    assert_eq!(s.get("/v2/nothing/tags/list").error_code(), "NAME_UNKNOWN");
+    let r = s.get("/v2/_catalog?n=1");
+    assert_eq!(r.json()["repositories"], serde_json::json!(["one"]));
+    assert_eq!(
+        r.header("link"),
+        Some("</v2/_catalog?n=1&last=one>; rel=\"next\"")
+    );
+    assert_eq!(
+        s.get("/v2/_catalog?n=1&last=one").json()["repositories"],
+        serde_json::json!(["two/x"])
+    );
+}
+
+#[test]
+fn deletes_remove_only_what_they_name() {
+    let s = TestServer::start(BIN);
+    let (digest, _) = s.push_image("app", "v1", b"{}", &[b"layer"]);
+    let r = s.request(
+        "PUT",
+        "/v2/app/manifests/v2",
+        &[("Content-Type", OCI_MANIFEST)],
+        &s.get("/v2/app/manifests/v1").body,
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        s.request("DELETE", "/v2/app/manifests/v1", &[], b"").status,
+        202
+    );
+    assert_eq!(s.get("/v2/app/manifests/v1").status, 404);
+    assert_eq!(
+        s.get("/v2/app/manifests/v2").status,
+        200,
+        "only the tag went"
+    );
+    assert_eq!(
+        s.request("DELETE", &format!("/v2/app/manifests/{digest}"), &[], b"")
+            .status,
+        202
+    );
+    assert_eq!(s.get(&format!("/v2/app/manifests/{digest}")).status, 404);
+    assert_eq!(
+        s.get("/v2/app/manifests/v2").status,
+        404,
+        "tags of a deleted manifest go too"
+    );
+    assert_eq!(
+        s.request("DELETE", &format!("/v2/app/manifests/{digest}"), &[], b"")
+            .error_code(),
+        "MANIFEST_UNKNOWN"
+    );
+    let layer = sha256(b"layer");
+    assert_eq!(
+        s.request("DELETE", &format!("/v2/app/blobs/{layer}"), &[], b"")
+            .status,
+        202
+    );
+    assert_eq!(
+        s.request("HEAD", &format!("/v2/app/blobs/{layer}"), &[], b"")
+            .status,
+        404
+    );
+    assert_eq!(
+        s.request("DELETE", &format!("/v2/app/blobs/{layer}"), &[], b"")
+            .error_code(),
+        "BLOB_UNKNOWN"
+    );
+}
+
+#[test]
+fn client_disconnect_mid_upload_leaves_a_resumable_session() {
+    let s = TestServer::start(BIN);
+    let r = s.request("POST", "/v2/app/blobs/uploads/", &[], b"");
+    let loc = r.header("location").expect("location").to_owned();
+    let first = vec![7u8; 300_000];
+    let stream = open_request(
+        s.addr,
+        "PATCH",
+        &loc,
+        &[("Content-Length", "1000000")],
+        &first,
+    );
+    drop(stream); // hang up 300 kB into a 1 MB chunk
+    let offset = slipway_testkit::poll(std::time::Duration::from_secs(10), || {
+        let r = s.request("GET", &loc, &[], b"");
+        // Wait until the server has written everything it received before the hang-up.
+        (r.status == 204 && r.header("range") == Some("0-299999")).then(|| "0-299999".to_owned())
+    })
+    .expect("session still known");
+    let have: usize = offset
+        .split('-')
+        .nth(1)
+        .expect("end")
+        .parse::<usize>()
+        .expect("num")
+        + 1;
+    assert!(have <= first.len());
+    let mut full = first[..have].to_vec();
+    full.extend_from_slice(b"tail");
+    let digest = sha256(&full);
+    let r = s.request(
+        "PUT",
+        &format!("{loc}?digest={digest}"),
+        &[("Content-Range", &format!("{have}-{}", have + 3))],
+        b"tail",
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(s.get(&format!("/v2/app/blobs/{digest}")).body, full);
+}
+
+#[test]
+fn streamed_patch_with_chunked_encoding_is_accepted() {
+    use std::io::Write as _;
+    let s = TestServer::start(BIN);
+    let r = s.request("POST", "/v2/app/blobs/uploads/", &[], b"");
+    let loc = r.header("location").expect("location").to_owned();
+    // Chunked transfer encoding without Content-Range, as docker sends.
+    let mut stream = open_request(
+        s.addr,
+        "PATCH",
+        &loc,
+        &[("Transfer-Encoding", "chunked")],
+        b"",
+    );
+    let data = vec![1u8; 200_000];
+    for part in data.chunks(30_000) {
+        write!(stream, "{:x}\r\n", part.len()).expect("write");
+        stream.write_all(part).expect("write");
+        stream.write_all(b"\r\n").expect("write");
+    }
+    stream.write_all(b"0\r\n\r\n").expect("write");
+    let r = read_response(stream, "PATCH");
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("range"), Some("0-199999"));
+    let r = s.request("PUT", &format!("{loc}?digest={}", sha256(&data)), &[], b"");
+    assert_eq!(r.status, 201);
+}
