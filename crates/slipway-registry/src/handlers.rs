@@ -34,10 +34,18 @@ pub(crate) fn router(registry: Registry) -> Router {
 
 async fn dispatch(State(reg): State<Registry>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
-    let rest = path
-        .strip_prefix("/v2")
-        .unwrap_or("")
-        .trim_start_matches('/');
+    let rest = match path.strip_prefix("/v2/") {
+        Some(rest) => rest,
+        None if path == "/v2" => "",
+        None => {
+            return RegistryError::new(
+                Code::Unsupported,
+                format!("no route for {} {path}", req.method()),
+            )
+            .with_status(StatusCode::NOT_FOUND)
+            .into_response();
+        }
+    };
     let (label, mut resp) = match route::parse(rest) {
         Ok(route) => {
             let label = route.label();

@@ -448,6 +448,7 @@ fn hostile_names_and_digests_never_reach_the_filesystem() {
         ("/v2/../../etc/manifests/v1", "NAME_INVALID"),
         ("/v2/%2e%2e/%2e%2e/etc/manifests/v1", "NAME_INVALID"),
         ("/v2/app/%2e%2e/x/tags/list", "NAME_INVALID"),
+        ("/v2//abs/manifests/v1", "NAME_INVALID"),
         ("/v2/UPPER/manifests/v1", "NAME_INVALID"),
         (
             "/v2/app/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
