@@ -195,12 +195,12 @@ fn paged(
 ) -> Response {
     let mut items = items;
     let mut link = None;
-    if let Some(n) = n {
-        if items.len() > n {
-            items.truncate(n);
-            if let Some(last) = items.last() {
-                link = Some(format!("<{link_base}?n={n}&last={last}>; rel=\"next\""));
-            }
+    if let Some(n) = n
+        && items.len() > n
+    {
+        items.truncate(n);
+        if let Some(last) = items.last() {
+            link = Some(format!("<{link_base}?n={n}&last={last}>; rel=\"next\""));
         }
     }
     let mut body = extra;
@@ -292,10 +292,9 @@ async fn put_manifest(
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && len > limit
     {
-        if len > limit {
-            return Err(too_large(limit));
-        }
+        return Err(too_large(limit));
     }
     let body = axum::body::to_bytes(req.into_body(), limit)
         .await

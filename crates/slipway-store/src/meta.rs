@@ -462,10 +462,8 @@ impl Store {
             }
             for k in doomed {
                 tags.remove(k.as_str()).map_err(db)?;
-                if let Some((_, t)) = k.split_once('\0') {
-                    if let Ok(t) = t.parse() {
-                        removed_tags.push(t);
-                    }
+                if let Some(Ok(t)) = k.split_once('\0').map(|(_, t)| t.parse()) {
+                    removed_tags.push(t);
                 }
             }
             if let Some(subject) = &rec.parsed.subject {

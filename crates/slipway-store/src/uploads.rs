@@ -216,15 +216,15 @@ impl Store {
             offset,
             live: self.uploads.clone(),
         };
-        if let Some(start) = start {
-            if start != offset {
-                // Dropping `w` hands the state back untouched.
-                let expected = w.offset;
-                return Err(StoreError::UploadOffset {
-                    expected,
-                    got: start,
-                });
-            }
+        if let Some(start) = start
+            && start != offset
+        {
+            // Dropping `w` hands the state back untouched.
+            let expected = w.offset;
+            return Err(StoreError::UploadOffset {
+                expected,
+                got: start,
+            });
         }
         Ok(w)
     }
