@@ -1,0 +1,111 @@
+//! Container root filesystems: an overlay of shared layer snapshots, or a private
+//! copy where overlayfs is unavailable.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+
+/// How a rootfs was made, persisted so cleanup knows what to undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootfsKind {
+    /// An overlay mount over the snapshots.
+    Overlay,
+    /// A private copy.
+    Copy,
+}
+
+/// Mounts `lowers` (top layer first) with a private upper and work dir at `target`.
+/// Falls back to copying when the overlay cannot be mounted.
+pub fn prepare(lowers_top_first: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<RootfsKind> {
+    fs::create_dir_all(target)?;
+    if lowers_top_first.is_empty() {
+        // An image without layers: an empty rootfs.
+        return Ok(RootfsKind::Copy);
+    }
+    fs::create_dir_all(upper)?;
+    fs::create_dir_all(work)?;
+    let lower = lowers_top_first.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let data = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
+    // The kernel caps mount data at one page; deep images fall back to a copy.
+    if data.len() < 4000 {
+        match nix::mount::mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
+            Ok(()) => return Ok(RootfsKind::Overlay),
+            Err(e) => tracing::warn!("overlay mount failed ({e}); copying the image instead"),
+        }
+    }
+    let mut bottom_first: Vec<&PathBuf> = lowers_top_first.iter().collect();
+    bottom_first.reverse();
+    for l in bottom_first {
+        merge_layer(l, target)?;
+    }
+    Ok(RootfsKind::Copy)
+}
+
+/// Undoes [`prepare`]: unmounts an overlay. A missing mount is not an error.
+pub fn release(target: &Path, kind: RootfsKind) -> io::Result<()> {
+    if kind == RootfsKind::Overlay && is_mounted(target) {
+        nix::mount::umount2(target, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let p = path.display().to_string();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// Applies one overlay-format snapshot onto `target` by copying: whiteouts delete,
+/// opaque directories replace.
+fn merge_layer(src: &Path, target: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let from = entry.path();
+        let to = target.join(entry.file_name());
+        let meta = fs::symlink_metadata(&from)?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            remove_any(&to)?;
+            continue;
+        }
+        if ft.is_dir() {
+            let opaque = xattr::get(&from, "trusted.overlay.opaque").ok().flatten().is_some_and(|v| v == b"y");
+            if opaque || fs::symlink_metadata(&to).is_ok_and(|m| !m.is_dir()) {
+                remove_any(&to)?;
+            }
+            if fs::symlink_metadata(&to).is_err() {
+                fs::create_dir(&to)?;
+            }
+            std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            merge_layer(&from, &to)?;
+        } else {
+            remove_any(&to)?;
+            if ft.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+            } else if ft.is_file() {
+                fs::copy(&from, &to)?;
+            } else {
+                continue; // fifos and sockets are not carried into a copy
+            }
+            std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()))?;
+            if !ft.is_symlink() {
+                fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_any(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(_) => Ok(()),
+    }
+}
