@@ -42,7 +42,11 @@ struct App {
 }
 
 fn env_ms(name: &str) -> Option<Duration> {
-    std::env::var(name).ok()?.parse().ok().map(Duration::from_millis)
+    std::env::var(name)
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -56,7 +60,9 @@ fn text(status: StatusCode, s: String) -> Response<Body> {
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let n = app.counter.fetch_add(1, Ordering::Relaxed);
     Ok(match req.uri().path() {
-        "/healthz" if app.faults.fail_health => text(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy\n".into()),
+        "/healthz" if app.faults.fail_health => {
+            text(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy\n".into())
+        }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/events" => {
             let (version, instance) = (app.version.clone(), app.instance.clone());
@@ -70,7 +76,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 }
             });
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/event-stream"));
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("text/event-stream"),
+            );
             r
         }
         "/" => {
@@ -78,13 +87,25 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 tokio::time::sleep(app.faults.slow).await;
             }
             // Deterministic error spacing: every k-th request fails for rate 1/k.
-            #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "small counters")]
+            #[expect(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "small counters"
+            )]
             let failing = app.faults.error_rate > 0.0
-                && ((n as f64 * app.faults.error_rate).floor() as u64) != (((n + 1) as f64 * app.faults.error_rate).floor() as u64);
+                && ((n as f64 * app.faults.error_rate).floor() as u64)
+                    != (((n + 1) as f64 * app.faults.error_rate).floor() as u64);
             if failing {
-                text(StatusCode::INTERNAL_SERVER_ERROR, format!("injected error from {}\n", app.instance))
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("injected error from {}\n", app.instance),
+                )
             } else {
-                text(StatusCode::OK, format!("hello {} from {}\n", app.version, app.instance))
+                text(
+                    StatusCode::OK,
+                    format!("hello {} from {}\n", app.version, app.instance),
+                )
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
@@ -93,20 +114,31 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
 
 #[tokio::main]
 async fn main() {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
     let pid = std::process::id();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let app = Arc::new(App {
         version: std::env::var("HELLO_VERSION").unwrap_or_else(|_| "dev".into()),
         instance: std::env::var("HELLO_INSTANCE").unwrap_or_else(|_| format!("{pid:x}{nanos:08x}")),
         faults: Faults {
             fail_health: std::env::var("HELLO_FAIL_HEALTH").is_ok_and(|v| v == "1" || v == "true"),
-            error_rate: std::env::var("HELLO_ERROR_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.0),
+            error_rate: std::env::var("HELLO_ERROR_RATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
             slow: env_ms("HELLO_SLOW_MS").unwrap_or_default(),
         },
         counter: AtomicU64::new(0),
     });
-    if let Some(mb) = std::env::var("HELLO_ALLOC_MB").ok().and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(mb) = std::env::var("HELLO_ALLOC_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         let mut hog = vec![0u8; mb << 20];
         for i in (0..hog.len()).step_by(4096) {
             hog[i] = 1;
@@ -131,7 +163,10 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    eprintln!("hello {} ({}) listening on :{port}", app.version, app.instance);
+    eprintln!(
+        "hello {} ({}) listening on :{port}",
+        app.version, app.instance
+    );
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {

@@ -65,8 +65,15 @@ fn full(b: Bytes) -> Body {
 impl RegistryClient {
     /// A client for `host[:port]` over plain HTTP.
     pub fn new(host: &str) -> Self {
-        let base = if host.starts_with("http://") { host.trim_end_matches('/').to_owned() } else { format!("http://{host}") };
-        Self { base, client: Client::builder(TokioExecutor::new()).build_http() }
+        let base = if host.starts_with("http://") {
+            host.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{host}")
+        };
+        Self {
+            base,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     /// The registry's base URL.
@@ -74,53 +81,101 @@ impl RegistryClient {
         &self.base
     }
 
-    async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Body) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
         let mut b = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b.body(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let req = b
+            .body(body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.client
             .request(req)
             .await
-            .map_err(|e| ClientError::Unreachable { base: self.base.clone(), message: e.to_string() })
+            .map_err(|e| ClientError::Unreachable {
+                base: self.base.clone(),
+                message: e.to_string(),
+            })
     }
 
-    async fn check(method: &Method, url: &str, resp: http::Response<hyper::body::Incoming>, ok: &[StatusCode]) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+    async fn check(
+        method: &Method,
+        url: &str,
+        resp: http::Response<hyper::body::Incoming>,
+        ok: &[StatusCode],
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
         if ok.contains(&resp.status()) {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|j| j["errors"][0]["message"].as_str().map(str::to_owned))
             .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
-        Err(ClientError::Status { method: method.to_string(), url: url.to_owned(), status, message })
+        Err(ClientError::Status {
+            method: method.to_string(),
+            url: url.to_owned(),
+            status,
+            message,
+        })
     }
 
     /// Whether `repo` has the blob.
     pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, ClientError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let resp = self.send(Method::HEAD, &url, &[], full(Bytes::new())).await?;
+        let resp = self
+            .send(Method::HEAD, &url, &[], full(Bytes::new()))
+            .await?;
         match resp.status() {
             StatusCode::OK => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
-            _ => Self::check(&Method::HEAD, &url, resp, &[]).await.map(|_| false),
+            _ => Self::check(&Method::HEAD, &url, resp, &[])
+                .await
+                .map(|_| false),
         }
     }
 
     /// Tries a cross-repository mount; returns whether it happened.
-    pub async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> Result<bool, ClientError> {
-        let url = format!("{}/v2/{repo}/blobs/uploads/?mount={digest}&from={from}", self.base);
-        let resp = self.send(Method::POST, &url, &[], full(Bytes::new())).await?;
+    pub async fn mount_blob(
+        &self,
+        repo: &str,
+        from: &str,
+        digest: &Digest,
+    ) -> Result<bool, ClientError> {
+        let url = format!(
+            "{}/v2/{repo}/blobs/uploads/?mount={digest}&from={from}",
+            self.base
+        );
+        let resp = self
+            .send(Method::POST, &url, &[], full(Bytes::new()))
+            .await?;
         Ok(resp.status() == StatusCode::CREATED)
     }
 
     /// Uploads a blob from a file: a session, then one streamed PUT.
-    pub async fn push_blob_file(&self, repo: &str, digest: &Digest, path: &Path, progress: Option<Progress>) -> Result<(), ClientError> {
+    pub async fn push_blob_file(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        path: &Path,
+        progress: Option<Progress>,
+    ) -> Result<(), ClientError> {
         let url = format!("{}/v2/{repo}/blobs/uploads/", self.base);
-        let resp = self.send(Method::POST, &url, &[], full(Bytes::new())).await?;
+        let resp = self
+            .send(Method::POST, &url, &[], full(Bytes::new()))
+            .await?;
         let resp = Self::check(&Method::POST, &url, resp, &[StatusCode::ACCEPTED]).await?;
         let loc = resp
             .headers()
@@ -128,25 +183,40 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| ClientError::Protocol("upload session without Location".into()))?
             .to_owned();
-        let mut put = if loc.starts_with('/') { format!("{}{loc}", self.base) } else { loc };
+        let mut put = if loc.starts_with('/') {
+            format!("{}{loc}", self.base)
+        } else {
+            loc
+        };
         put.push(if put.contains('?') { '&' } else { '?' });
         put.push_str(&format!("digest={digest}"));
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
         let mut sent = 0u64;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |chunk| {
-            if let (Ok(c), Some(p)) = (&chunk, &progress) {
-                sent += c.len() as u64;
-                p(sent);
-            }
-            chunk.map(Frame::data)
-        });
-        let body = StreamBody::new(stream).boxed();
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |chunk| {
+                if let (Ok(c), Some(p)) = (&chunk, &progress) {
+                    sent += c.len() as u64;
+                    p(sent);
+                }
+                chunk.map(Frame::data)
+            });
+        let body = BodyExt::boxed(StreamBody::new(stream));
         let len_s = len.to_string();
         let resp = self
-            .send(Method::PUT, &put, &[("content-type", "application/octet-stream"), ("content-length", &len_s)], body)
+            .send(
+                Method::PUT,
+                &put,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    ("content-length", &len_s),
+                ],
+                body,
+            )
             .await?;
-        Self::check(&Method::PUT, &put, resp, &[StatusCode::CREATED]).await.map(|_| ())
+        Self::check(&Method::PUT, &put, resp, &[StatusCode::CREATED])
+            .await
+            .map(|_| ())
     }
 
     /// Uploads a small blob from memory.
@@ -156,16 +226,36 @@ impl RegistryClient {
             return Ok(digest);
         }
         let url = format!("{}/v2/{repo}/blobs/uploads/?digest={digest}", self.base);
-        let resp = self.send(Method::POST, &url, &[("content-type", "application/octet-stream")], full(data)).await?;
+        let resp = self
+            .send(
+                Method::POST,
+                &url,
+                &[("content-type", "application/octet-stream")],
+                full(data),
+            )
+            .await?;
         Self::check(&Method::POST, &url, resp, &[StatusCode::CREATED]).await?;
         Ok(digest)
     }
 
     /// Puts a manifest; returns its digest as the registry reports it.
-    pub async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: Bytes) -> Result<Digest, ClientError> {
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<Digest, ClientError> {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
         let local = Digest::sha256_of(&body);
-        let resp = self.send(Method::PUT, &url, &[("content-type", media_type)], full(body)).await?;
+        let resp = self
+            .send(
+                Method::PUT,
+                &url,
+                &[("content-type", media_type)],
+                full(body),
+            )
+            .await?;
         let resp = Self::check(&Method::PUT, &url, resp, &[StatusCode::CREATED]).await?;
         Ok(resp
             .headers()
@@ -175,7 +265,11 @@ impl RegistryClient {
     }
 
     /// Fetches a manifest: (media type, bytes).
-    pub async fn get_manifest(&self, repo: &str, reference: &str) -> Result<(String, Bytes), ClientError> {
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<(String, Bytes), ClientError> {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
         let accept = [
             slipway_core::media::OCI_MANIFEST,
@@ -184,25 +278,56 @@ impl RegistryClient {
             slipway_core::media::DOCKER_MANIFEST_LIST,
         ]
         .join(", ");
-        let resp = self.send(Method::GET, &url, &[("accept", &accept)], full(Bytes::new())).await?;
+        let resp = self
+            .send(
+                Method::GET,
+                &url,
+                &[("accept", &accept)],
+                full(Bytes::new()),
+            )
+            .await?;
         let resp = Self::check(&Method::GET, &url, resp, &[StatusCode::OK]).await?;
-        let mt = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-        let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
+        let mt = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
         Ok((mt, body))
     }
 
     /// Fetches a small blob into memory.
     pub async fn get_blob(&self, repo: &str, digest: &Digest) -> Result<Bytes, ClientError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let resp = self.send(Method::GET, &url, &[], full(Bytes::new())).await?;
+        let resp = self
+            .send(Method::GET, &url, &[], full(Bytes::new()))
+            .await?;
         let resp = Self::check(&Method::GET, &url, resp, &[StatusCode::OK]).await?;
-        Ok(resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes())
+        Ok(resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes())
     }
 
     /// Streams a blob into a file.
-    pub async fn get_blob_to_file(&self, repo: &str, digest: &Digest, path: &Path) -> Result<u64, ClientError> {
+    pub async fn get_blob_to_file(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        path: &Path,
+    ) -> Result<u64, ClientError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let resp = self.send(Method::GET, &url, &[], full(Bytes::new())).await?;
+        let resp = self
+            .send(Method::GET, &url, &[], full(Bytes::new()))
+            .await?;
         let resp = Self::check(&Method::GET, &url, resp, &[StatusCode::OK]).await?;
         let mut body = resp.into_body();
         let mut f = tokio::fs::File::create(path).await?;
@@ -222,20 +347,39 @@ impl RegistryClient {
     pub async fn catalog(&self) -> Result<Vec<String>, ClientError> {
         let url = format!("{}/v2/_catalog", self.base);
         let j = self.get_json(&url).await?;
-        Ok(j["repositories"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default())
+        Ok(j["repositories"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// Lists a repository's tags.
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, ClientError> {
         let url = format!("{}/v2/{repo}/tags/list", self.base);
         let j = self.get_json(&url).await?;
-        Ok(j["tags"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default())
+        Ok(j["tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, ClientError> {
         let resp = self.send(Method::GET, url, &[], full(Bytes::new())).await?;
         let resp = Self::check(&Method::GET, url, resp, &[StatusCode::OK]).await?;
-        let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
         serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }

@@ -12,5 +12,8 @@ pub mod client;
 pub mod pack;
 pub mod reference;
 
-pub use pack::{Compression, ConfigOverrides, Input, Layer, PackError, build_layer, image_config, image_manifest};
+pub use pack::{
+    Compression, ConfigOverrides, Input, Layer, PackError, build_layer, image_config,
+    image_manifest,
+};
 pub use reference::ImageRef;

@@ -39,7 +39,9 @@ impl Compression {
             "gzip" => Ok(Self::Gzip),
             "zstd" => Ok(Self::Zstd),
             "none" => Ok(Self::None),
-            other => Err(PackError::Invalid(format!("compression {other:?} is not gzip, zstd or none"))),
+            other => Err(PackError::Invalid(format!(
+                "compression {other:?} is not gzip, zstd or none"
+            ))),
         }
     }
 }
@@ -70,9 +72,14 @@ impl Input {
             }
         };
         if !dest.starts_with('/') || dest.split('/').any(|c| c == ".." || c == ".") {
-            return Err(PackError::Invalid(format!("destination {dest:?} must be an absolute path without '.' or '..'")));
+            return Err(PackError::Invalid(format!(
+                "destination {dest:?} must be an absolute path without '.' or '..'"
+            )));
         }
-        Ok(Self { src: PathBuf::from(src), dest })
+        Ok(Self {
+            src: PathBuf::from(src),
+            dest,
+        })
     }
 }
 
@@ -149,13 +156,19 @@ impl<W: Write> Write for HashWriter<W> {
 }
 
 fn hash_writer<W: Write>(inner: W) -> HashWriter<W> {
-    HashWriter { inner, hasher: sha2::Sha256::new(), count: 0 }
+    HashWriter {
+        inner,
+        hasher: sha2::Sha256::new(),
+        count: 0,
+    }
 }
 
 fn digest_of(h: sha2::Sha256) -> Digest {
     let hex = hex::encode(h.finalize());
     // A sha256 hex string is always a valid digest.
-    format!("sha256:{hex}").parse().unwrap_or_else(|_| Digest::sha256_of(b""))
+    format!("sha256:{hex}")
+        .parse()
+        .unwrap_or_else(|_| Digest::sha256_of(b""))
 }
 
 /// One tar entry to write, keyed by its path in the image (no leading `/`).
@@ -166,15 +179,29 @@ enum Entry {
 }
 
 fn read_err(path: &Path) -> impl FnOnce(io::Error) -> PackError + '_ {
-    move |source| PackError::Read { path: path.to_owned(), source }
+    move |source| PackError::Read {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn collect(src: &Path, dest: &str, out: &mut BTreeMap<String, Entry>) -> Result<(), PackError> {
     let meta = fs::symlink_metadata(src).map_err(read_err(src))?;
-    let key = dest.trim_start_matches('/').trim_end_matches('/').to_owned();
+    let key = dest
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .to_owned();
     // Every parent directory exists in the layer, mode 0755.
     let mut parent = String::new();
-    for comp in key.split('/').filter(|c| !c.is_empty()).collect::<Vec<_>>().iter().rev().skip(1).rev() {
+    for comp in key
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .collect::<Vec<_>>()
+        .iter()
+        .rev()
+        .skip(1)
+        .rev()
+    {
         if !parent.is_empty() {
             parent.push('/');
         }
@@ -183,29 +210,47 @@ fn collect(src: &Path, dest: &str, out: &mut BTreeMap<String, Entry>) -> Result<
     }
     let mode = meta.permissions().mode() & 0o7777;
     if meta.file_type().is_symlink() {
-        out.insert(key, Entry::Symlink(fs::read_link(src).map_err(read_err(src))?));
+        out.insert(
+            key,
+            Entry::Symlink(fs::read_link(src).map_err(read_err(src))?),
+        );
     } else if meta.is_dir() {
         if !key.is_empty() {
             out.insert(key.clone(), Entry::Dir(mode));
         }
-        let mut children: Vec<_> = fs::read_dir(src).map_err(read_err(src))?.collect::<Result<_, _>>().map_err(read_err(src))?;
+        let mut children: Vec<_> = fs::read_dir(src)
+            .map_err(read_err(src))?
+            .collect::<Result<_, _>>()
+            .map_err(read_err(src))?;
         children.sort_by_key(fs::DirEntry::file_name);
         for c in children {
             let name = c.file_name();
-            let name = name.to_str().ok_or_else(|| PackError::Invalid(format!("{} has a non-UTF-8 name", c.path().display())))?;
-            let child_dest = if key.is_empty() { name.to_owned() } else { format!("{key}/{name}") };
+            let name = name.to_str().ok_or_else(|| {
+                PackError::Invalid(format!("{} has a non-UTF-8 name", c.path().display()))
+            })?;
+            let child_dest = if key.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{key}/{name}")
+            };
             collect(&c.path(), &child_dest, out)?;
         }
     } else if meta.is_file() {
         out.insert(key, Entry::File(src.to_owned(), mode));
     } else {
-        return Err(PackError::Invalid(format!("{} is not a file, directory or symlink", src.display())));
+        return Err(PackError::Invalid(format!(
+            "{} is not a file, directory or symlink",
+            src.display()
+        )));
     }
     Ok(())
 }
 
 fn epoch() -> u64 {
-    std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -244,7 +289,13 @@ pub fn build_layer(inputs: &[Input], compression: Compression) -> Result<Layer, 
             let count = out.count;
             let mut out = out;
             out.flush().map_err(PackError::Write)?;
-            return Ok(Layer { media_type: compression.media_type(), digest: digest_of(d), diff_id: diff, size: count, file });
+            return Ok(Layer {
+                media_type: compression.media_type(),
+                digest: digest_of(d),
+                diff_id: diff,
+                size: count,
+                file,
+            });
         }
     };
     let mut compressed = compressed;
@@ -258,14 +309,18 @@ pub fn build_layer(inputs: &[Input], compression: Compression) -> Result<Layer, 
     })
 }
 
-fn write_tar<W: Write>(entries: &BTreeMap<String, Entry>, w: HashWriter<W>) -> Result<(W, Digest), PackError> {
+fn write_tar<W: Write>(
+    entries: &BTreeMap<String, Entry>,
+    w: HashWriter<W>,
+) -> Result<(W, Digest), PackError> {
     let mut b = tar::Builder::new(w);
     b.mode(tar::HeaderMode::Deterministic);
     for (path, e) in entries {
         match e {
             Entry::Dir(mode) => {
                 let mut h = header(tar::EntryType::Directory, *mode, 0);
-                b.append_data(&mut h, format!("{path}/"), io::empty()).map_err(PackError::Write)?;
+                b.append_data(&mut h, format!("{path}/"), io::empty())
+                    .map_err(PackError::Write)?;
             }
             Entry::File(src, mode) => {
                 let f = File::open(src).map_err(read_err(src))?;
@@ -275,7 +330,8 @@ fn write_tar<W: Write>(entries: &BTreeMap<String, Entry>, w: HashWriter<W>) -> R
             }
             Entry::Symlink(target) => {
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0);
-                b.append_link(&mut h, path, target).map_err(PackError::Write)?;
+                b.append_link(&mut h, path, target)
+                    .map_err(PackError::Write)?;
             }
         }
     }
@@ -286,7 +342,11 @@ fn write_tar<W: Write>(entries: &BTreeMap<String, Entry>, w: HashWriter<W>) -> R
 
 /// The image config: the base config (if any) with `overrides` applied and the new
 /// layer's diff_id appended.
-pub fn image_config(base: Option<&Value>, diff_ids: &[Digest], o: &ConfigOverrides) -> Result<Vec<u8>, PackError> {
+pub fn image_config(
+    base: Option<&Value>,
+    diff_ids: &[Digest],
+    o: &ConfigOverrides,
+) -> Result<Vec<u8>, PackError> {
     let mut cfg = base.cloned().unwrap_or_else(|| {
         json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": []}})
     });
@@ -304,10 +364,19 @@ pub fn image_config(base: Option<&Value>, diff_ids: &[Digest], o: &ConfigOverrid
         c["Cmd"] = json!(cmd);
     }
     if !o.env.is_empty() {
-        let mut env: Vec<String> = c["Env"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+        let mut env: Vec<String> = c["Env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
         for kv in &o.env {
             let Some((k, _)) = kv.split_once('=') else {
-                return Err(PackError::Invalid(format!("--env {kv:?} must be KEY=VALUE")));
+                return Err(PackError::Invalid(format!(
+                    "--env {kv:?} must be KEY=VALUE"
+                )));
             };
             env.retain(|e| e.split_once('=').is_none_or(|(ek, _)| ek != k));
             env.push(kv.clone());
@@ -321,10 +390,16 @@ pub fn image_config(base: Option<&Value>, diff_ids: &[Digest], o: &ConfigOverrid
         c["User"] = json!(u);
     }
     for p in &o.exposed_ports {
-        let p = if p.contains('/') { p.clone() } else { format!("{p}/tcp") };
+        let p = if p.contains('/') {
+            p.clone()
+        } else {
+            format!("{p}/tcp")
+        };
         let port = p.split('/').next().unwrap_or("");
         if port.parse::<u16>().is_err() {
-            return Err(PackError::Invalid(format!("--expose {p:?} is not a port number")));
+            return Err(PackError::Invalid(format!(
+                "--expose {p:?} is not a port number"
+            )));
         }
         if !c["ExposedPorts"].is_object() {
             c["ExposedPorts"] = json!({});
@@ -337,7 +412,10 @@ pub fn image_config(base: Option<&Value>, diff_ids: &[Digest], o: &ConfigOverrid
         }
         c["Labels"][k] = json!(v);
     }
-    let mut ids: Vec<Value> = cfg["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
+    let mut ids: Vec<Value> = cfg["rootfs"]["diff_ids"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     ids.extend(diff_ids.iter().map(|d| json!(d.to_string())));
     cfg["rootfs"] = json!({"type": "layers", "diff_ids": ids});
     serde_json::to_vec(&cfg).map_err(|e| PackError::Invalid(e.to_string()))
@@ -368,7 +446,8 @@ mod tests {
         fs::write(d.path().join("www/index.html"), "hi").expect("write");
         fs::write(d.path().join("www/sub/b.txt"), "b").expect("write");
         fs::write(d.path().join("bin"), "#!/bin/sh\n").expect("write");
-        fs::set_permissions(d.path().join("bin"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::set_permissions(d.path().join("bin"), fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         std::os::unix::fs::symlink("index.html", d.path().join("www/link")).expect("symlink");
         d
     }
@@ -378,7 +457,11 @@ mod tests {
         let d = tree();
         let inputs = vec![
             Input::parse(&format!("{}:/srv/www", d.path().join("www").display())).expect("input"),
-            Input::parse(&format!("{}:/usr/local/bin/app", d.path().join("bin").display())).expect("input"),
+            Input::parse(&format!(
+                "{}:/usr/local/bin/app",
+                d.path().join("bin").display()
+            ))
+            .expect("input"),
         ];
         for c in [Compression::Gzip, Compression::Zstd, Compression::None] {
             let a = build_layer(&inputs, c).expect("layer");
@@ -394,17 +477,35 @@ mod tests {
     #[test]
     fn layer_holds_sorted_entries_with_parents_and_normalised_owners() {
         let d = tree();
-        let inputs = vec![Input::parse(&format!("{}:/srv/www", d.path().join("www").display())).expect("input")];
+        let inputs = vec![
+            Input::parse(&format!("{}:/srv/www", d.path().join("www").display())).expect("input"),
+        ];
         let layer = build_layer(&inputs, Compression::None).expect("layer");
         let mut ar = tar::Archive::new(File::open(layer.file.path()).expect("open"));
         let mut names = Vec::new();
         for e in ar.entries().expect("entries") {
             let e = e.expect("entry");
-            assert_eq!((e.header().uid().expect("uid"), e.header().gid().expect("gid")), (0, 0));
+            assert_eq!(
+                (
+                    e.header().uid().expect("uid"),
+                    e.header().gid().expect("gid")
+                ),
+                (0, 0)
+            );
             assert_eq!(e.header().mtime().expect("mtime"), 0);
             names.push(e.path().expect("path").to_string_lossy().into_owned());
         }
-        assert_eq!(names, ["srv/", "srv/www/", "srv/www/index.html", "srv/www/link", "srv/www/sub/", "srv/www/sub/b.txt"]);
+        assert_eq!(
+            names,
+            [
+                "srv/",
+                "srv/www/",
+                "srv/www/index.html",
+                "srv/www/link",
+                "srv/www/sub/",
+                "srv/www/sub/b.txt"
+            ]
+        );
     }
 
     #[test]
@@ -417,12 +518,17 @@ mod tests {
         };
         let base = json!({"config": {"Env": ["PATH=/usr/bin", "B=2"]}, "rootfs": {"type": "layers", "diff_ids": ["sha256:00"]}});
         let d = Digest::sha256_of(b"x");
-        let c: Value = serde_json::from_slice(&image_config(Some(&base), &[d.clone()], &o).expect("config")).expect("json");
+        let c: Value =
+            serde_json::from_slice(&image_config(Some(&base), &[d.clone()], &o).expect("config"))
+                .expect("json");
         assert_eq!(c["config"]["Env"], json!(["B=2", "A=1", "PATH=/bin"]));
         assert_eq!(c["config"]["Entrypoint"], json!(["/hello"]));
         assert!(c["config"]["ExposedPorts"]["8080/tcp"].is_object());
         assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:00", d.to_string()]));
-        let bad = ConfigOverrides { env: vec!["NOEQUALS".into()], ..ConfigOverrides::default() };
+        let bad = ConfigOverrides {
+            env: vec!["NOEQUALS".into()],
+            ..ConfigOverrides::default()
+        };
         assert!(image_config(None, &[], &bad).is_err());
         assert!(Input::parse("/x:relative").is_err());
         assert!(Input::parse("/x:/a/../b").is_err());

@@ -65,34 +65,70 @@ fn pick_platform(index: &Value, image: &str) -> Result<Digest, RuntimeError> {
     let Some(m) = found else {
         let have: Vec<String> = manifests
             .iter()
-            .map(|m| format!("{}/{}", m["platform"]["os"].as_str().unwrap_or("?"), m["platform"]["architecture"].as_str().unwrap_or("?")))
+            .map(|m| {
+                format!(
+                    "{}/{}",
+                    m["platform"]["os"].as_str().unwrap_or("?"),
+                    m["platform"]["architecture"].as_str().unwrap_or("?")
+                )
+            })
             .collect();
-        return Err(RuntimeError::NoPlatform(format!("{image} has no linux/amd64 manifest (it has: {})", have.join(", "))));
+        return Err(RuntimeError::NoPlatform(format!(
+            "{image} has no linux/amd64 manifest (it has: {})",
+            have.join(", ")
+        )));
     };
-    m["digest"].as_str().and_then(|d| d.parse().ok()).ok_or_else(|| RuntimeError::ImageInvalid(format!("{image}: index entry without a valid digest")))
+    m["digest"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| {
+            RuntimeError::ImageInvalid(format!("{image}: index entry without a valid digest"))
+        })
 }
 
-fn parse_manifest(bytes: &[u8], image: &str) -> Result<(Value, Vec<LayerRef>, Digest), RuntimeError> {
-    let m: Value = serde_json::from_slice(bytes).map_err(|e| RuntimeError::ImageInvalid(format!("{image}: manifest is not JSON: {e}")))?;
+fn parse_manifest(
+    bytes: &[u8],
+    image: &str,
+) -> Result<(Value, Vec<LayerRef>, Digest), RuntimeError> {
+    let m: Value = serde_json::from_slice(bytes)
+        .map_err(|e| RuntimeError::ImageInvalid(format!("{image}: manifest is not JSON: {e}")))?;
     let config: Digest = m["config"]["digest"]
         .as_str()
         .and_then(|d| d.parse().ok())
-        .ok_or_else(|| RuntimeError::ImageInvalid(format!("{image}: manifest has no config digest")))?;
+        .ok_or_else(|| {
+            RuntimeError::ImageInvalid(format!("{image}: manifest has no config digest"))
+        })?;
     let mut layers = Vec::new();
     for l in m["layers"].as_array().cloned().unwrap_or_default() {
-        let digest = l["digest"].as_str().and_then(|d| d.parse().ok()).ok_or_else(|| RuntimeError::ImageInvalid(format!("{image}: layer without a valid digest")))?;
-        layers.push(LayerRef { digest, media_type: l["mediaType"].as_str().unwrap_or_default().to_owned() });
+        let digest = l["digest"]
+            .as_str()
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| {
+                RuntimeError::ImageInvalid(format!("{image}: layer without a valid digest"))
+            })?;
+        layers.push(LayerRef {
+            digest,
+            media_type: l["mediaType"].as_str().unwrap_or_default().to_owned(),
+        });
     }
     Ok((m, layers, config))
 }
 
 fn check_config(bytes: &[u8], digest: &Digest, image: &str) -> Result<Value, RuntimeError> {
     if &Digest::sha256_of(bytes) != digest {
-        return Err(RuntimeError::ImageInvalid(format!("{image}: config blob does not match its digest {digest}")));
+        return Err(RuntimeError::ImageInvalid(format!(
+            "{image}: config blob does not match its digest {digest}"
+        )));
     }
-    let c: Value = serde_json::from_slice(bytes).map_err(|e| RuntimeError::ImageInvalid(format!("{image}: config is not JSON: {e}")))?;
-    if c["os"].as_str().is_some_and(|o| o != "linux") || c["architecture"].as_str().is_some_and(|a| a != "amd64") {
-        return Err(RuntimeError::NoPlatform(format!("{image} is {}/{}, not linux/amd64", c["os"], c["architecture"])));
+    let c: Value = serde_json::from_slice(bytes)
+        .map_err(|e| RuntimeError::ImageInvalid(format!("{image}: config is not JSON: {e}")))?;
+    if c["os"].as_str().is_some_and(|o| o != "linux")
+        || c["architecture"].as_str().is_some_and(|a| a != "amd64")
+    {
+        return Err(RuntimeError::NoPlatform(format!(
+            "{image} is {}/{}, not linux/amd64",
+            c["os"], c["architecture"]
+        )));
     }
     Ok(c["config"].clone())
 }
@@ -100,21 +136,36 @@ fn check_config(bytes: &[u8], digest: &Digest, image: &str) -> Result<Value, Run
 /// Resolves from the embedded store.
 pub fn resolve_local(store: &Arc<Store>, image: &ImageRef) -> Result<ResolvedImage, RuntimeError> {
     let name = image.to_string();
-    let get = |r: &Reference| store.get_manifest(&image.repo, r).map_err(|e| not_found(&name, e));
+    let get = |r: &Reference| {
+        store
+            .get_manifest(&image.repo, r)
+            .map_err(|e| not_found(&name, e))
+    };
     let (mut meta, mut bytes) = get(&image.reference)?;
     if media::is_index(&meta.media_type) {
-        let index: Value = serde_json::from_slice(&bytes).map_err(|e| RuntimeError::ImageInvalid(format!("{name}: {e}")))?;
+        let index: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| RuntimeError::ImageInvalid(format!("{name}: {e}")))?;
         let child = pick_platform(&index, &name)?;
         (meta, bytes) = get(&Reference::Digest(child))?;
     }
     let (_, layers, config_digest) = parse_manifest(&bytes, &name)?;
-    let config_bytes = std::fs::read(store.blob_file(&config_digest)).map_err(|e| not_found(&name, format!("config blob {config_digest}: {e}")))?;
-    store.stat_blob(&image.repo, &config_digest).map_err(|e| not_found(&name, e))?;
+    let config_bytes = std::fs::read(store.blob_file(&config_digest))
+        .map_err(|e| not_found(&name, format!("config blob {config_digest}: {e}")))?;
+    store
+        .stat_blob(&image.repo, &config_digest)
+        .map_err(|e| not_found(&name, e))?;
     let config = check_config(&config_bytes, &config_digest, &name)?;
     for l in &layers {
-        store.stat_blob(&image.repo, &l.digest).map_err(|e| not_found(&name, e))?;
+        store
+            .stat_blob(&image.repo, &l.digest)
+            .map_err(|e| not_found(&name, e))?;
     }
-    Ok(ResolvedImage { digest: meta.digest, config, layers, source: Source::Local(store.clone(), image.repo.clone()) })
+    Ok(ResolvedImage {
+        digest: meta.digest,
+        config,
+        layers,
+        source: Source::Local(store.clone(), image.repo.clone()),
+    })
 }
 
 /// Resolves from a remote registry over HTTP.
@@ -122,36 +173,63 @@ pub async fn resolve_remote(host: &str, image: &ImageRef) -> Result<ResolvedImag
     let name = image.to_string();
     let client = RegistryClient::new(host);
     let repo = image.repo.as_str();
-    let (mut mt, mut bytes) = client.get_manifest(repo, &image.reference.to_string()).await.map_err(|e| not_found(&name, e))?;
+    let (mut mt, mut bytes) = client
+        .get_manifest(repo, &image.reference.to_string())
+        .await
+        .map_err(|e| not_found(&name, e))?;
     let mut digest = match &image.reference {
         Reference::Digest(d) => d.clone(),
         Reference::Tag(_) => Digest::sha256_of(&bytes),
     };
-    if media::is_index(&mt) || serde_json::from_slice::<Value>(&bytes).is_ok_and(|v| v["manifests"].is_array()) {
-        let index: Value = serde_json::from_slice(&bytes).map_err(|e| RuntimeError::ImageInvalid(format!("{name}: {e}")))?;
+    if media::is_index(&mt)
+        || serde_json::from_slice::<Value>(&bytes).is_ok_and(|v| v["manifests"].is_array())
+    {
+        let index: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| RuntimeError::ImageInvalid(format!("{name}: {e}")))?;
         let child = pick_platform(&index, &name)?;
-        (mt, bytes) = client.get_manifest(repo, &child.to_string()).await.map_err(|e| not_found(&name, e))?;
+        (mt, bytes) = client
+            .get_manifest(repo, &child.to_string())
+            .await
+            .map_err(|e| not_found(&name, e))?;
         digest = child;
     }
     let _ = mt;
     if Digest::sha256_of(&bytes) != digest {
-        return Err(RuntimeError::ImageInvalid(format!("{name}: manifest does not match its digest {digest}")));
+        return Err(RuntimeError::ImageInvalid(format!(
+            "{name}: manifest does not match its digest {digest}"
+        )));
     }
     let (_, layers, config_digest) = parse_manifest(&bytes, &name)?;
-    let config_bytes = client.get_blob(repo, &config_digest).await.map_err(|e| not_found(&name, e))?;
+    let config_bytes = client
+        .get_blob(repo, &config_digest)
+        .await
+        .map_err(|e| not_found(&name, e))?;
     let config = check_config(&config_bytes, &config_digest, &name)?;
-    Ok(ResolvedImage { digest, config, layers, source: Source::Remote(client, image.repo.clone()) })
+    Ok(ResolvedImage {
+        digest,
+        config,
+        layers,
+        source: Source::Remote(client, image.repo.clone()),
+    })
 }
 
 impl Source {
     /// A local file holding the layer blob: the store's own file, or a download.
-    pub async fn layer_file(&self, layer: &Digest, cache: &std::path::Path) -> Result<PathBuf, RuntimeError> {
+    pub async fn layer_file(
+        &self,
+        layer: &Digest,
+        cache: &std::path::Path,
+    ) -> Result<PathBuf, RuntimeError> {
         match self {
             Self::Local(store, _) => Ok(store.blob_file(layer)),
             Self::Remote(client, repo) => {
-                std::fs::create_dir_all(cache).map_err(|e| RuntimeError::Io("create download cache".into(), e))?;
+                std::fs::create_dir_all(cache)
+                    .map_err(|e| RuntimeError::Io("create download cache".into(), e))?;
                 let path = cache.join(format!("{}.{}", layer.hex(), uuid::Uuid::new_v4()));
-                client.get_blob_to_file(repo.as_str(), layer, &path).await.map_err(|e| RuntimeError::ImageNotFound(format!("layer {layer}: {e}")))?;
+                client
+                    .get_blob_to_file(repo.as_str(), layer, &path)
+                    .await
+                    .map_err(|e| RuntimeError::ImageNotFound(format!("layer {layer}: {e}")))?;
                 Ok(path)
             }
         }

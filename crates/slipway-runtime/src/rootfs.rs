@@ -20,7 +20,12 @@ pub enum RootfsKind {
 
 /// Mounts `lowers` (top layer first) with a private upper and work dir at `target`.
 /// Falls back to copying when the overlay cannot be mounted.
-pub fn prepare(lowers_top_first: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<RootfsKind> {
+pub fn prepare(
+    lowers_top_first: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> io::Result<RootfsKind> {
     fs::create_dir_all(target)?;
     if lowers_top_first.is_empty() {
         // An image without layers: an empty rootfs.
@@ -28,11 +33,25 @@ pub fn prepare(lowers_top_first: &[PathBuf], upper: &Path, work: &Path, target: 
     }
     fs::create_dir_all(upper)?;
     fs::create_dir_all(work)?;
-    let lower = lowers_top_first.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-    let data = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
+    let lower = lowers_top_first
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let data = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
     // The kernel caps mount data at one page; deep images fall back to a copy.
     if data.len() < 4000 {
-        match nix::mount::mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str())) {
+        match nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        ) {
             Ok(()) => return Ok(RootfsKind::Overlay),
             Err(e) => tracing::warn!("overlay mount failed ({e}); copying the image instead"),
         }
@@ -55,9 +74,12 @@ pub fn release(target: &Path, kind: RootfsKind) -> io::Result<()> {
 
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let p = path.display().to_string();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
 /// Applies one overlay-format snapshot onto `target` by copying: whiteouts delete,
@@ -74,7 +96,10 @@ fn merge_layer(src: &Path, target: &Path) -> io::Result<()> {
             continue;
         }
         if ft.is_dir() {
-            let opaque = xattr::get(&from, "trusted.overlay.opaque").ok().flatten().is_some_and(|v| v == b"y");
+            let opaque = xattr::get(&from, "trusted.overlay.opaque")
+                .ok()
+                .flatten()
+                .is_some_and(|v| v == b"y");
             if opaque || fs::symlink_metadata(&to).is_ok_and(|m| !m.is_dir()) {
                 remove_any(&to)?;
             }

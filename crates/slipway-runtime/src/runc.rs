@@ -10,7 +10,9 @@ use tokio::process::{Child, Command};
 #[derive(Debug, thiserror::Error)]
 pub enum RuncError {
     /// The binary is not installed.
-    #[error("the OCI runtime {0:?} is not installed or not on PATH: install it with `apt-get install -y runc` (or set [runtime] binary)")]
+    #[error(
+        "the OCI runtime {0:?} is not installed or not on PATH: install it with `apt-get install -y runc` (or set [runtime] binary)"
+    )]
     Missing(String),
     /// It ran and failed.
     #[error("{binary} {args}: {message}")]
@@ -82,9 +84,19 @@ impl Runc {
     /// Starts `runc run --keep` in the foreground as a child: it exits with the
     /// container's status, and keeps the container (and its cgroup) for inspection
     /// until [`Runc::delete`]. stdout and stderr go to `log`.
-    pub fn run(&self, id: &str, bundle: &Path, pid_file: &Path, log: &std::fs::File) -> Result<Child, RuncError> {
-        let out = log.try_clone().map_err(|e| RuncError::Spawn("log file".into(), e))?;
-        let err = log.try_clone().map_err(|e| RuncError::Spawn("log file".into(), e))?;
+    pub fn run(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        log: &std::fs::File,
+    ) -> Result<Child, RuncError> {
+        let out = log
+            .try_clone()
+            .map_err(|e| RuncError::Spawn("log file".into(), e))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| RuncError::Spawn("log file".into(), e))?;
         self.cmd()
             .arg("run")
             .arg("--keep")
@@ -110,7 +122,11 @@ impl Runc {
     /// A container that does not exist is not an error.
     pub async fn delete(&self, id: &str) -> Result<(), RuncError> {
         match self.output(&["delete", "--force", id]).await {
-            Err(RuncError::Failed { message, .. }) if message.contains("does not exist") || message.contains("not exist") => Ok(()),
+            Err(RuncError::Failed { message, .. })
+                if message.contains("does not exist") || message.contains("not exist") =>
+            {
+                Ok(())
+            }
             other => other.map(|_| ()),
         }
     }
@@ -121,7 +137,10 @@ impl Runc {
         let out = self.output(&["state", id]).await.ok()?;
         let j: serde_json::Value = serde_json::from_str(&out).ok()?;
         let status = j["status"].as_str()?.to_owned();
-        let pid = j["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+        let pid = j["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
         Some((status, pid))
     }
 }

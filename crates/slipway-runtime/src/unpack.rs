@@ -80,8 +80,11 @@ impl LayerCompression {
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
             | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Self::Gzip,
-            "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Self::Zstd,
-            "application/vnd.oci.image.layer.v1.tar" | "application/vnd.oci.image.layer.nondistributable.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Self::None,
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Self::Zstd,
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Self::None,
             other => return Err(UnpackError::MediaType(other.to_owned())),
         })
     }
@@ -121,7 +124,9 @@ fn prepare_parents(root: &Path, rel: &Path) -> Result<(), &'static str> {
         for c in parent.components() {
             cur.push(c);
             match fs::symlink_metadata(&cur) {
-                Ok(m) if m.file_type().is_symlink() => return Err("would be written through a symlink"),
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err("would be written through a symlink");
+                }
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => return Err("has a parent that is not a directory"),
                 Err(_) => {
@@ -145,55 +150,93 @@ fn remove_existing(path: &Path) -> io::Result<()> {
 /// Unpacks the layer blob at `blob` into `dest` (created; must not exist), verifying
 /// that the blob hashes to `digest`. On error `dest` may hold partial content; the
 /// caller removes it.
-pub fn unpack_layer(blob: &Path, digest: &Digest, compression: LayerCompression, dest: &Path) -> Result<(), UnpackError> {
+pub fn unpack_layer(
+    blob: &Path,
+    digest: &Digest,
+    compression: LayerCompression,
+    dest: &Path,
+) -> Result<(), UnpackError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| UnpackError::Write { path, source }
     };
-    let corrupt = |source| UnpackError::Corrupt { layer: digest.clone(), source };
+    let corrupt = |source| UnpackError::Corrupt {
+        layer: digest.clone(),
+        source,
+    };
     fs::create_dir_all(dest).map_err(write_err(dest))?;
     let file = File::open(blob).map_err(write_err(blob))?;
-    let mut hashing = HashingReader { inner: io::BufReader::with_capacity(1 << 20, file), hasher: sha2::Sha256::new() };
+    let mut hashing = HashingReader {
+        inner: io::BufReader::with_capacity(1 << 20, file),
+        hasher: sha2::Sha256::new(),
+    };
     {
         let reader: Box<dyn Read + '_> = match compression {
             LayerCompression::Gzip => Box::new(flate2::read::GzDecoder::new(&mut hashing)),
-            LayerCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut hashing).map_err(corrupt)?),
+            LayerCompression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::new(&mut hashing).map_err(corrupt)?)
+            }
             LayerCompression::None => Box::new(&mut hashing),
         };
         let mut archive = tar::Archive::new(reader);
-        let mut entries = archive.entries().map_err(corrupt)?;
-        while let Some(entry) = entries.next() {
+        for entry in archive.entries().map_err(corrupt)? {
             let mut entry = entry.map_err(corrupt)?;
             apply_entry(&mut entry, dest, digest)?;
         }
         // Read whatever follows the tar end marker so the whole blob is hashed.
-        let mut rest = entries.into_inner_reader();
+        let mut rest = archive.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
     }
     // Any bytes after the compressed stream still count toward the digest.
     io::copy(&mut hashing.inner, &mut io::sink()).map_err(corrupt)?;
     if digest.algorithm() != Algorithm::Sha256 {
-        return Err(UnpackError::MediaType(format!("digest algorithm {}", digest.algorithm().as_str())));
+        return Err(UnpackError::MediaType(format!(
+            "digest algorithm {}",
+            digest.algorithm().as_str()
+        )));
     }
     let computed: Digest = format!("sha256:{}", hex::encode(hashing.hasher.finalize()))
         .parse()
-        .map_err(|_| UnpackError::DigestMismatch { expected: digest.clone(), computed: digest.clone() })?;
+        .map_err(|_| UnpackError::DigestMismatch {
+            expected: digest.clone(),
+            computed: digest.clone(),
+        })?;
     if &computed != digest {
-        return Err(UnpackError::DigestMismatch { expected: digest.clone(), computed });
+        return Err(UnpackError::DigestMismatch {
+            expected: digest.clone(),
+            computed,
+        });
     }
     Ok(())
 }
 
-fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, layer: &Digest) -> Result<(), UnpackError> {
-    let raw = entry.path().map_err(|source| UnpackError::Corrupt { layer: layer.clone(), source })?.into_owned();
-    let escape = |reason| UnpackError::Escape { layer: layer.clone(), entry: raw.display().to_string(), reason };
+fn apply_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dest: &Path,
+    layer: &Digest,
+) -> Result<(), UnpackError> {
+    let raw = entry
+        .path()
+        .map_err(|source| UnpackError::Corrupt {
+            layer: layer.clone(),
+            source,
+        })?
+        .into_owned();
+    let escape = |reason| UnpackError::Escape {
+        layer: layer.clone(),
+        entry: raw.display().to_string(),
+        reason,
+    };
     let rel = clean(&raw).map_err(escape)?;
     if rel.as_os_str().is_empty() {
         return Ok(()); // the layer root itself
     }
     prepare_parents(dest, &rel).map_err(escape)?;
     let path = dest.join(&rel);
-    let write_err = |source| UnpackError::Write { path: path.clone(), source };
+    let write_err = |source| UnpackError::Write {
+        path: path.clone(),
+        source,
+    };
     let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or_default();
 
     // Whiteouts, converted to overlayfs format.
@@ -205,8 +248,13 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, layer: &Dige
     if let Some(hidden) = name.strip_prefix(".wh.") {
         let target = path.with_file_name(hidden);
         remove_existing(&target).map_err(write_err)?;
-        nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), nix::sys::stat::makedev(0, 0))
-            .map_err(|e| write_err(io::Error::from(e)))?;
+        nix::sys::stat::mknod(
+            &target,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            nix::sys::stat::makedev(0, 0),
+        )
+        .map_err(|e| write_err(io::Error::from(e)))?;
         return Ok(());
     }
 
@@ -216,25 +264,33 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, layer: &Dige
     let gid = header.gid().ok().and_then(|g| u32::try_from(g).ok());
     let kind = header.entry_type();
     match kind {
-        tar::EntryType::Directory => {
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    remove_existing(&path).map_err(write_err)?;
-                    fs::create_dir(&path).map_err(write_err)?;
-                }
-                Err(_) => fs::create_dir(&path).map_err(write_err)?,
+        tar::EntryType::Directory => match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                remove_existing(&path).map_err(write_err)?;
+                fs::create_dir(&path).map_err(write_err)?;
             }
-        }
+            Err(_) => fs::create_dir(&path).map_err(write_err)?,
+        },
         tar::EntryType::Regular | tar::EntryType::Continuous => {
             remove_existing(&path).map_err(write_err)?;
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(write_err)?;
-            io::copy(entry, &mut f).map_err(|source| UnpackError::Corrupt { layer: layer.clone(), source })?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(write_err)?;
+            io::copy(entry, &mut f).map_err(|source| UnpackError::Corrupt {
+                layer: layer.clone(),
+                source,
+            })?;
         }
         tar::EntryType::Symlink => {
             let target = entry
                 .link_name()
-                .map_err(|source| UnpackError::Corrupt { layer: layer.clone(), source })?
+                .map_err(|source| UnpackError::Corrupt {
+                    layer: layer.clone(),
+                    source,
+                })?
                 .ok_or_else(|| escape("is a symlink without a target"))?;
             remove_existing(&path).map_err(write_err)?;
             symlink(target, &path).map_err(write_err)?;
@@ -242,10 +298,13 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, layer: &Dige
         tar::EntryType::Link => {
             let target = entry
                 .link_name()
-                .map_err(|source| UnpackError::Corrupt { layer: layer.clone(), source })?
+                .map_err(|source| UnpackError::Corrupt {
+                    layer: layer.clone(),
+                    source,
+                })?
                 .ok_or_else(|| escape("is a hardlink without a target"))?;
             let target_rel = clean(&target).map_err(escape)?;
-            prepare_parents(dest, &target_rel.join("x")).map_err(escape)?;
+            prepare_parents(dest, &target_rel).map_err(escape)?;
             let source = dest.join(&target_rel);
             if fs::symlink_metadata(&source).is_err() {
                 return Err(escape("is a hardlink to a file the layer does not have"));
@@ -256,7 +315,8 @@ fn apply_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path, layer: &Dige
         }
         tar::EntryType::Fifo => {
             remove_existing(&path).map_err(write_err)?;
-            nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(|e| write_err(io::Error::from(e)))?;
+            nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(mode))
+                .map_err(|e| write_err(io::Error::from(e)))?;
         }
         // Device nodes are skipped: /dev comes from the runtime.
         tar::EntryType::Char | tar::EntryType::Block => return Ok(()),
@@ -306,7 +366,10 @@ mod tests {
         b.append(&h, io::empty()).expect("append");
     }
 
-    fn unpack(f: &tempfile::NamedTempFile, d: &Digest) -> (tempfile::TempDir, Result<(), UnpackError>) {
+    fn unpack(
+        f: &tempfile::NamedTempFile,
+        d: &Digest,
+    ) -> (tempfile::TempDir, Result<(), UnpackError>) {
         let out = tempfile::tempdir().expect("tmp");
         let r = unpack_layer(f.path(), d, LayerCompression::None, &out.path().join("l"));
         (out, r)
@@ -331,7 +394,10 @@ mod tests {
         for (i, build) in cases.iter().enumerate() {
             let (f, d) = layer(|b| build(b));
             let (_out, r) = unpack(&f, &d);
-            assert!(matches!(r, Err(UnpackError::Escape { .. })), "case {i}: {r:?}");
+            assert!(
+                matches!(r, Err(UnpackError::Escape { .. })),
+                "case {i}: {r:?}"
+            );
         }
     }
 
@@ -351,9 +417,18 @@ mod tests {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let wh = fs::symlink_metadata(root.join("dir/gone")).expect("whiteout");
         assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
-        assert_eq!(xattr::get(root.join("opaque"), "trusted.overlay.opaque").expect("xattr"), Some(b"y".to_vec()));
-        assert_eq!(fs::metadata(root.join("data")).expect("m").ino(), fs::metadata(root.join("data-link")).expect("m").ino());
-        assert_eq!(fs::read_link(root.join("sym")).expect("link"), Path::new("data"));
+        assert_eq!(
+            xattr::get(root.join("opaque"), "trusted.overlay.opaque").expect("xattr"),
+            Some(b"y".to_vec())
+        );
+        assert_eq!(
+            fs::metadata(root.join("data")).expect("m").ino(),
+            fs::metadata(root.join("data-link")).expect("m").ino()
+        );
+        assert_eq!(
+            fs::read_link(root.join("sym")).expect("link"),
+            Path::new("data")
+        );
     }
 
     #[test]
@@ -361,11 +436,19 @@ mod tests {
         let (f, _) = layer(|b| file(b, "x", b"1"));
         let wrong = Digest::sha256_of(b"other");
         let (_out, r) = unpack(&f, &wrong);
-        assert!(matches!(r, Err(UnpackError::DigestMismatch { .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(UnpackError::DigestMismatch { .. })),
+            "{r:?}"
+        );
         let out = tempfile::tempdir().expect("tmp");
         let garbage = tempfile::NamedTempFile::new().expect("tmp");
         fs::write(garbage.path(), b"definitely not gzip").expect("write");
-        let r = unpack_layer(garbage.path(), &Digest::sha256_of(b"definitely not gzip"), LayerCompression::Gzip, &out.path().join("l"));
+        let r = unpack_layer(
+            garbage.path(),
+            &Digest::sha256_of(b"definitely not gzip"),
+            LayerCompression::Gzip,
+            &out.path().join("l"),
+        );
         assert!(matches!(r, Err(UnpackError::Corrupt { .. })), "{r:?}");
     }
 }

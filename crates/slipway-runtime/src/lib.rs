@@ -1,0 +1,94 @@
+//! Running images as containers: layer snapshots shared by every container, an
+//! overlay root filesystem per container, an OCI bundle generated with oci-spec, and
+//! runc to run it, supervised with restart policies.
+//!
+//! Entry point: [`Runtime::open`], then [`Runtime::run`], [`Runtime::stop`],
+//! [`Runtime::remove`], [`Runtime::list`]. [`Runtime::recover`] re-adopts containers
+//! after a daemon restart.
+//!
+//! On disk, under the runtime root:
+//! - `snapshots/sha256/<hex>/`: one unpacked layer, shared;
+//! - `containers/<name>/`: `state.json`, `bundle/` (config.json, rootfs mount point),
+//!   `upper/`, `work/`, `container.log*`;
+//! - `volumes/<name>/`: named volumes, kept when containers go;
+//! - `runc/`: the OCI runtime's own state.
+//!
+//! **Architecture invariant:** only this crate spawns container processes, mounts
+//! root filesystems or writes bundles. Nothing a container does can reach outside
+//! its rootfs: tar entries are confined to their layer, names are validated before
+//! they become paths, and the process runs in its own pid, mount, ipc and uts
+//! namespaces under a cgroup.
+
+pub mod bundle;
+pub mod image;
+pub mod rootfs;
+pub mod runc;
+pub mod spec;
+mod supervise;
+pub mod unpack;
+
+pub use spec::{RestartPolicy, RunRequest};
+pub use supervise::{ContainerInfo, Runtime, RuntimeConfig, Status};
+
+use slipway_core::ErrorKind;
+
+/// Why a runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A request field is invalid (the message names it).
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// The image does not exist.
+    #[error("image not found: {0}")]
+    ImageNotFound(String),
+    /// The image has no linux/amd64 variant.
+    #[error("{0}")]
+    NoPlatform(String),
+    /// The image is malformed.
+    #[error("image is invalid: {0}")]
+    ImageInvalid(String),
+    /// A layer is corrupt or hostile.
+    #[error(transparent)]
+    Unpack(#[from] unpack::UnpackError),
+    /// The OCI runtime failed or is missing.
+    #[error(transparent)]
+    Runc(#[from] runc::RuncError),
+    /// The port is taken.
+    #[error("port: {0} is already in use on this host; pick another with --port")]
+    PortInUse(u16),
+    /// No such container.
+    #[error("no container named {0:?}")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("a container named {0:?} already exists: remove it first or pick another --name")]
+    AlreadyExists(String),
+    /// The container is running and removal was not forced.
+    #[error("container {0:?} is running: stop it first, or remove it with --force")]
+    Running(String),
+    /// The bundle could not be generated.
+    #[error("cannot generate the OCI bundle: {0}")]
+    Bundle(String),
+    /// Local I/O failed.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+impl RuntimeError {
+    /// How this error is classified.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidSpec(_)
+            | Self::NoPlatform(_)
+            | Self::ImageInvalid(_)
+            | Self::Unpack(_) => ErrorKind::InvalidArgument,
+            Self::ImageNotFound(_) | Self::NotFound(_) => ErrorKind::NotFound,
+            Self::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Self::PortInUse(_) | Self::Running(_) => ErrorKind::FailedPrecondition,
+            Self::Runc(runc::RuncError::Missing(_)) => ErrorKind::FailedPrecondition,
+            Self::Runc(_) | Self::Bundle(_) | Self::Io(..) => match self {
+                Self::Io(_, e) if e.raw_os_error() == Some(28) => ErrorKind::ResourceExhausted,
+                _ => ErrorKind::Internal,
+            },
+        }
+    }
+}

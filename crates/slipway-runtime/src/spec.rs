@@ -1,0 +1,257 @@
+//! What a user asks to run, and its validation. Every error names the field.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::RuntimeError;
+
+/// When a container is restarted after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never.
+    #[default]
+    No,
+    /// When it exits non-zero (or is killed).
+    OnFailure,
+    /// Whenever it exits, unless stopped by the user.
+    Always,
+}
+
+impl RestartPolicy {
+    /// Parses `no`, `on-failure` or `always`.
+    pub fn parse(s: &str) -> Result<Self, RuntimeError> {
+        match s {
+            "no" => Ok(Self::No),
+            "on-failure" => Ok(Self::OnFailure),
+            "always" => Ok(Self::Always),
+            other => Err(RuntimeError::InvalidSpec(format!(
+                "restart: {other:?} is not one of no, on-failure, always"
+            ))),
+        }
+    }
+}
+
+/// A request to run a container (the admin API's wire type).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Image reference, e.g. `hello:1.0.0` or `127.0.0.1:5000/hello:1.0.0`.
+    pub image: String,
+    /// Container name; generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `K=V` pairs, added to the image's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The port the workload listens on (host network); exported as `$PORT`.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Memory limit, e.g. `64m`, `1g`, or bytes.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// CPU limit, e.g. `0.5`.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[serde(default)]
+    pub pids: Option<i64>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Mount the root filesystem read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Named volumes: `name:/path/in/container`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Replace the image's entrypoint.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replace the image's command.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Labels, for the deploy controller's bookkeeping.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Parses `64m`, `1g`, `512k`, `1048576` into bytes.
+pub fn parse_memory(s: &str) -> Result<i64, RuntimeError> {
+    let err = || {
+        RuntimeError::InvalidSpec(format!(
+            "memory: {s:?} is not a size; use bytes or a number with k, m or g (e.g. 64m), at least 4m"
+        ))
+    };
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: i64 = num.parse().map_err(|_| err())?;
+    let bytes = n.checked_mul(mult).ok_or_else(err)?;
+    if bytes < 4 << 20 {
+        return Err(err());
+    }
+    Ok(bytes)
+}
+
+/// Container names: `[a-z0-9][a-z0-9_.-]{0,62}`; they become directory names.
+pub fn validate_name(name: &str) -> Result<(), RuntimeError> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidSpec(format!(
+            "name: {name:?} must be 1-63 characters of [a-z0-9_.-], starting with a letter or digit"
+        )))
+    }
+}
+
+/// Checks every field that can be checked without the image.
+pub fn validate(r: &RunRequest) -> Result<(), RuntimeError> {
+    if r.image.trim().is_empty() {
+        return Err(RuntimeError::InvalidSpec("image: must not be empty".into()));
+    }
+    if let Some(n) = &r.name {
+        validate_name(n)?;
+    }
+    for kv in &r.env {
+        match kv.split_once('=') {
+            Some((k, _)) if !k.is_empty() && !k.contains('\0') => {}
+            _ => {
+                return Err(RuntimeError::InvalidSpec(format!(
+                    "env: {kv:?} must be KEY=VALUE"
+                )));
+            }
+        }
+    }
+    if r.port == Some(0) {
+        return Err(RuntimeError::InvalidSpec(
+            "port: must be between 1 and 65535".into(),
+        ));
+    }
+    if let Some(m) = &r.memory {
+        parse_memory(m)?;
+    }
+    if let Some(c) = r.cpus {
+        if !(c.is_finite() && c >= 0.01 && c <= 1024.0) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "cpus: {c} must be between 0.01 and 1024"
+            )));
+        }
+    }
+    if let Some(p) = r.pids {
+        if p < 1 {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "pids: {p} must be at least 1"
+            )));
+        }
+    }
+    for v in &r.volumes {
+        let Some((name, path)) = v.split_once(':') else {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "volumes: {v:?} must be NAME:/path"
+            )));
+        };
+        validate_name(name).map_err(|_| {
+            RuntimeError::InvalidSpec(format!("volumes: volume name {name:?} must be [a-z0-9_.-]"))
+        })?;
+        if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "volumes: {path:?} must be an absolute path without '..'"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_tiny_or_junk_values_are_rejected() {
+        assert_eq!(parse_memory("64m").expect("ok"), 64 << 20);
+        assert_eq!(parse_memory("1G").expect("ok"), 1 << 30);
+        assert_eq!(parse_memory("8388608").expect("ok"), 8 << 20);
+        for bad in ["", "abc", "-5m", "1k", "12x", "99999999999999g"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn invalid_requests_name_the_field() {
+        let base = RunRequest {
+            image: "hello:1".into(),
+            ..RunRequest::default()
+        };
+        let cases = [
+            (
+                RunRequest {
+                    name: Some("../x".into()),
+                    ..base.clone()
+                },
+                "name:",
+            ),
+            (
+                RunRequest {
+                    env: vec!["NOPE".into()],
+                    ..base.clone()
+                },
+                "env:",
+            ),
+            (
+                RunRequest {
+                    cpus: Some(0.0),
+                    ..base.clone()
+                },
+                "cpus:",
+            ),
+            (
+                RunRequest {
+                    memory: Some("lots".into()),
+                    ..base.clone()
+                },
+                "memory:",
+            ),
+            (
+                RunRequest {
+                    pids: Some(0),
+                    ..base.clone()
+                },
+                "pids:",
+            ),
+            (
+                RunRequest {
+                    volumes: vec!["data:relative".into()],
+                    ..base.clone()
+                },
+                "volumes:",
+            ),
+            (
+                RunRequest {
+                    port: Some(0),
+                    ..base.clone()
+                },
+                "port:",
+            ),
+        ];
+        for (req, field) in cases {
+            let e = validate(&req).expect_err(field).to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        assert!(validate(&base).is_ok());
+        assert!(RestartPolicy::parse("sometimes").is_err());
+    }
+}
