@@ -28,6 +28,86 @@ impl AdminClient {
         })
     }
 
+    /// The server's `host:port`, as used in image references.
+    pub fn host(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+        let url = format!("{}{path}", self.base);
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(bytes)))?;
+        self.client.request(req).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach slipway at {}: {e}; is `slipway serve` running?",
+                self.base
+            )
+        })
+    }
+
+    /// Sends a request and returns the JSON answer (`null` for an empty body), or an
+    /// error carrying the server's message.
+    pub async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let json: serde_json::Value =
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            let msg = json["error"]["message"]
+                .as_str()
+                .or_else(|| json["errors"][0]["message"].as_str())
+                .map_or_else(|| format!("{status}"), str::to_owned);
+            anyhow::bail!("{msg}");
+        }
+        Ok(json)
+    }
+
+    /// Streams a response body to `out` as it arrives (for `logs -f`).
+    pub async fn stream_to(
+        &self,
+        path: &str,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> anyhow::Result<()> {
+        let resp = self.send(http::Method::GET, path, None).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            anyhow::bail!(
+                "{}",
+                json["error"]["message"]
+                    .as_str()
+                    .unwrap_or("request failed")
+            );
+        }
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                out.write_all(&data)?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    }
+
     /// POSTs to `path` and returns the JSON body, or an error naming the status.
     pub async fn post_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);

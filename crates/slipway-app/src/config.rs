@@ -50,6 +50,34 @@ pub struct FileConfig {
     /// Outgoing webhooks for push and delete events.
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// Running containers.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    /// The OCI runtime binary: `runc` (default) or `crun`.
+    pub binary: String,
+    /// SIGTERM to SIGKILL grace of `slipway stop`. Default 10s.
+    pub stop_grace: Dur,
+    /// Rotate a container's log past this many bytes. Default 10 MiB.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per container. Default 3.
+    pub log_files: usize,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            binary: "runc".into(),
+            stop_grace: Dur(Duration::from_secs(10)),
+            log_max_bytes: 10 << 20,
+            log_files: 3,
+        }
+    }
 }
 
 /// `[tls]`
@@ -158,6 +186,8 @@ pub struct Settings {
     pub gc: GcSection,
     /// Webhooks.
     pub webhooks: Vec<WebhookConfig>,
+    /// Containers.
+    pub runtime: RuntimeSection,
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -269,6 +299,21 @@ impl Settings {
                 "must be greater than zero, or omitted for on-demand GC".into(),
             ));
         }
+        if file.runtime.binary.is_empty() || file.runtime.binary.contains(char::is_whitespace) {
+            return Err(invalid(
+                "runtime.binary",
+                format!(
+                    "{:?} must name a runtime such as runc or crun",
+                    file.runtime.binary
+                ),
+            ));
+        }
+        if file.runtime.log_max_bytes < 4096 {
+            return Err(invalid(
+                "runtime.log_max_bytes",
+                "must be at least 4096".into(),
+            ));
+        }
         for (i, w) in file.webhooks.iter().enumerate() {
             if !w.url.starts_with("http://") || w.url.len() <= "http://".len() {
                 return Err(invalid(
@@ -300,6 +345,7 @@ impl Settings {
             registry: file.registry,
             gc: file.gc,
             webhooks: file.webhooks,
+            runtime: file.runtime,
         })
     }
 }

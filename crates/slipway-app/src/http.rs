@@ -17,6 +17,7 @@ use crate::tasks;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub registry: Registry,
+    pub runtime: Arc<slipway_runtime::Runtime>,
     pub metrics: Arc<AppMetrics>,
     pub gc: slipway_store::GcOptions,
 }
@@ -26,7 +27,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/gc", axum::routing::post(run_gc))
         .route("/api/v1/status", axum::routing::get(status))
         .route("/metrics", axum::routing::get(metrics))
-        .with_state(state.clone());
+        .with_state(state.clone())
+        .merge(crate::containers::router(state.runtime.clone()));
     // The registry router is a catch-all: it serves /v2 and answers every other
     // unknown path with OCI error JSON.
     admin

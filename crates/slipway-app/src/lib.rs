@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+mod containers;
 mod http;
 mod metrics;
 mod server;

@@ -48,8 +48,34 @@ pub async fn serve(
         },
         events.clone(),
     );
+    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another process using it? pick another with --listen",
+            settings.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
     let metrics = Arc::new(AppMetrics::default());
+    let port = addr.port();
+    let mut rt_cfg = slipway_runtime::RuntimeConfig::new(settings.data_dir.join("runtime"));
+    rt_cfg.binary = settings.runtime.binary.clone();
+    rt_cfg.stop_grace = settings.runtime.stop_grace.0;
+    rt_cfg.log_max_bytes = settings.runtime.log_max_bytes;
+    rt_cfg.log_files = settings.runtime.log_files;
+    rt_cfg.local_hosts = vec![
+        addr.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+    ];
+    let runtime = slipway_runtime::Runtime::open(rt_cfg, store.clone())
+        .context("cannot open the container runtime")?;
+    match runtime.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(containers = n, "recovered containers"),
+        Err(e) => tracing::error!("cannot recover containers: {e}"),
+    }
     let state = AppState {
+        runtime: runtime.clone(),
         registry,
         metrics: metrics.clone(),
         gc: GcOptions {
@@ -58,14 +84,6 @@ pub async fn serve(
             grace: settings.gc.grace_period.0,
         },
     };
-
-    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}: is another process using it? pick another with --listen",
-            settings.listen
-        )
-    })?;
-    let addr = listener.local_addr()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
@@ -150,6 +168,8 @@ pub async fn serve(
         tracing::warn!("in-flight requests did not finish within the shutdown grace; closing them");
     }
     while background.join_next().await.is_some() {}
+    // Containers keep running; the next daemon re-adopts them.
+    runtime.detach();
     tracing::info!("stopped");
     Ok(())
 }

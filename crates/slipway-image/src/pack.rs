@@ -518,9 +518,10 @@ mod tests {
         };
         let base = json!({"config": {"Env": ["PATH=/usr/bin", "B=2"]}, "rootfs": {"type": "layers", "diff_ids": ["sha256:00"]}});
         let d = Digest::sha256_of(b"x");
-        let c: Value =
-            serde_json::from_slice(&image_config(Some(&base), &[d.clone()], &o).expect("config"))
-                .expect("json");
+        let c: Value = serde_json::from_slice(
+            &image_config(Some(&base), std::slice::from_ref(&d), &o).expect("config"),
+        )
+        .expect("json");
         assert_eq!(c["config"]["Env"], json!(["B=2", "A=1", "PATH=/bin"]));
         assert_eq!(c["config"]["Entrypoint"], json!(["/hello"]));
         assert!(c["config"]["ExposedPorts"]["8080/tcp"].is_object());

@@ -40,7 +40,7 @@ pub enum Source {
     /// The embedded store.
     Local(Arc<Store>, RepoName),
     /// A remote registry (layers are downloaded to a cache first).
-    Remote(RegistryClient, RepoName),
+    Remote(Box<RegistryClient>, RepoName),
 }
 
 impl std::fmt::Debug for Source {
@@ -209,7 +209,7 @@ pub async fn resolve_remote(host: &str, image: &ImageRef) -> Result<ResolvedImag
         digest,
         config,
         layers,
-        source: Source::Remote(client, image.repo.clone()),
+        source: Source::Remote(Box::new(client), image.repo.clone()),
     })
 }
 

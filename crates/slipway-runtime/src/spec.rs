@@ -144,19 +144,19 @@ pub fn validate(r: &RunRequest) -> Result<(), RuntimeError> {
     if let Some(m) = &r.memory {
         parse_memory(m)?;
     }
-    if let Some(c) = r.cpus {
-        if !(c.is_finite() && c >= 0.01 && c <= 1024.0) {
-            return Err(RuntimeError::InvalidSpec(format!(
-                "cpus: {c} must be between 0.01 and 1024"
-            )));
-        }
+    if let Some(c) = r.cpus
+        && !(c.is_finite() && (0.01..=1024.0).contains(&c))
+    {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "cpus: {c} must be between 0.01 and 1024"
+        )));
     }
-    if let Some(p) = r.pids {
-        if p < 1 {
-            return Err(RuntimeError::InvalidSpec(format!(
-                "pids: {p} must be at least 1"
-            )));
-        }
+    if let Some(p) = r.pids
+        && p < 1
+    {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "pids: {p} must be at least 1"
+        )));
     }
     for v in &r.volumes {
         let Some((name, path)) = v.split_once(':') else {

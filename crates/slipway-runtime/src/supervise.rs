@@ -77,6 +77,9 @@ pub enum Status {
 pub struct ContainerInfo {
     /// Name (unique).
     pub name: String,
+    /// The OCI runtime's container id (and cgroup leaf): unique per creation, so two
+    /// daemons or two lives of a name never share a cgroup.
+    pub id: String,
     /// The request it was created from.
     pub spec: RunRequest,
     /// The manifest digest it runs.
@@ -197,8 +200,11 @@ impl Runtime {
         self.cfg.root.join("containers").join(name)
     }
 
-    fn runc_id(name: &str) -> String {
-        format!("slipway-{name}")
+    fn new_id(name: &str) -> String {
+        format!(
+            "{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        )
     }
 
     /// The snapshot directory of a layer.
@@ -282,10 +288,10 @@ impl Runtime {
         if lock(&self.containers).contains_key(&name) || self.dir(&name).exists() {
             return Err(RuntimeError::AlreadyExists(name));
         }
-        if let Some(port) = req.port {
-            if std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
-                return Err(RuntimeError::PortInUse(port));
-            }
+        if let Some(port) = req.port
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
+        {
+            return Err(RuntimeError::PortInUse(port));
         }
         let img = self.resolve(&req.image).await?;
         let lowers = self.ensure_snapshots(&img).await?;
@@ -296,10 +302,12 @@ impl Runtime {
             std::io::ErrorKind::AlreadyExists => RuntimeError::AlreadyExists(name.clone()),
             _ => RuntimeError::Io("create container directory".into(), e),
         })?;
-        match self.prepare(&name, &dir, &req, &img, &lowers) {
+        let id = Self::new_id(&name);
+        match self.prepare(&name, &id, &dir, &req, &img, &lowers) {
             Ok(kind) => {
                 let info = ContainerInfo {
                     name: name.clone(),
+                    id,
                     spec: req,
                     image_digest: img.digest.to_string(),
                     status: Status::Created,
@@ -337,6 +345,7 @@ impl Runtime {
     fn prepare(
         &self,
         name: &str,
+        id: &str,
         dir: &Path,
         req: &RunRequest,
         img: &ResolvedImage,
@@ -426,7 +435,7 @@ impl Runtime {
             pids: req.pids,
             read_only: req.read_only,
             binds,
-            cgroup: format!("/slipway/{}", Self::runc_id(name)),
+            cgroup: format!("/slipway/{id}"),
             nofile: self.cfg.nofile,
         };
         bundle::write(&bundle_dir, &bc).inspect_err(|_| {
@@ -474,8 +483,10 @@ impl Runtime {
     }
 
     async fn supervise(self: Arc<Self>, ctr: Arc<Ctr>, runc: Runc, adopt: Option<u32>) {
-        let name = lock(&ctr.info).name.clone();
-        let id = Self::runc_id(&name);
+        let (name, id) = {
+            let i = lock(&ctr.info);
+            (i.name.clone(), i.id.clone())
+        };
         let dir = self.dir(&name);
         let mut stop = ctr.stop.subscribe();
         let mut adopt = adopt;
@@ -518,25 +529,29 @@ impl Runtime {
                         break;
                     }
                 };
-                ctr.update(&dir, |i| {
-                    i.status = Status::Running;
-                    i.started_at_ms = Some(started);
-                    i.pid = child.id();
-                    i.backoff_ms = None;
-                });
-                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                // "Running" once runc has written the container's pid: poll fast at
+                // first (start latency matters), then slowly for log rotation.
                 let mut pid_known = false;
+                let mut polls = 0u32;
                 let status = loop {
+                    let period = if pid_known || polls > 2000 { 200 } else { 2 };
                     tokio::select! {
                         s = child.wait() => break s,
-                        _ = tick.tick() => {
+                        () = tokio::time::sleep(Duration::from_millis(period)) => {
+                            polls += 1;
                             if !pid_known {
                                 if let Some(pid) = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
                                     pid_known = true;
-                                    ctr.update(&dir, |i| i.pid = Some(pid));
+                                    ctr.update(&dir, |i| {
+                                        i.status = Status::Running;
+                                        i.started_at_ms = Some(started);
+                                        i.pid = Some(pid);
+                                        i.backoff_ms = None;
+                                    });
                                 }
+                            } else if polls.is_multiple_of(10) {
+                                self.rotate_log(&dir);
                             }
-                            self.rotate_log(&dir);
                         }
                     }
                 };
@@ -642,7 +657,7 @@ impl Runtime {
         let mut done = ctr.done.subscribe();
         if !*done.borrow() {
             let runc = self.runc()?;
-            let id = Self::runc_id(name);
+            let id = lock(&ctr.info).id.clone();
             if *ctr.status.borrow() == Status::Running {
                 let _ = runc.kill(&id, "TERM").await;
             }
@@ -680,7 +695,8 @@ impl Runtime {
             self.stop(name, Some(Duration::from_secs(2))).await?;
         }
         let runc = self.runc()?;
-        runc.delete(&Self::runc_id(name)).await?;
+        let id = lock(&ctr.info).id.clone();
+        runc.delete(&id).await?;
         let dir = self.dir(name);
         let kind = lock(&ctr.info).rootfs;
         rootfs::release(&dir.join("bundle/rootfs"), kind).map_err(io("unmount root filesystem"))?;
@@ -749,7 +765,7 @@ impl Runtime {
                     Err(e) => tracing::error!(container = %name, "cannot remount rootfs: {e}"),
                 }
             }
-            let id = Self::runc_id(&name);
+            let id = info.id.clone();
             let state = runc.state(&id).await;
             let was_active = matches!(
                 info.status,

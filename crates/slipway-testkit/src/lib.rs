@@ -279,6 +279,28 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        // Containers outlive the daemon by design; a test that failed half-way must
+        // still leave none behind.
+        if self.child.is_some() {
+            let listed = std::panic::catch_unwind(|| self.get("/api/v1/containers"));
+            if let Ok(r) = listed
+                && let Ok(serde_json::Value::Array(list)) =
+                    serde_json::from_slice::<serde_json::Value>(&r.body)
+            {
+                for c in list {
+                    if let Some(name) = c["name"].as_str() {
+                        let _ = std::panic::catch_unwind(|| {
+                            self.request(
+                                "DELETE",
+                                &format!("/api/v1/containers/{name}?force=true"),
+                                &[],
+                                b"",
+                            )
+                        });
+                    }
+                }
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -448,4 +470,59 @@ pub fn busybox_layout(dir: &Path, tag: &str) -> PathBuf {
         "sh",
     ]));
     layout
+}
+
+/// The static `hello` binary built by `scripts/build-hello` (or `$HELLO_BIN`).
+pub fn hello_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HELLO_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/static/x86_64-unknown-linux-gnu/release/hello");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/build-hello (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs the `slipway` CLI against `server`, returning (exit code, stdout, stderr).
+pub fn cli(bin: &str, server: &TestServer, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .arg("--server")
+        .arg(format!("http://{}", server.host()))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `http://127.0.0.1:port/path` with a fresh connection; `None` if it fails.
+pub fn http_get(port: u16, path: &str) -> Option<Response> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    raw.windows(4)
+        .any(|w| w == b"\r\n\r\n")
+        .then(|| parse_response(&raw, false))
 }

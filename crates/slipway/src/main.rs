@@ -7,6 +7,8 @@
     reason = "the binary owns the terminal"
 )]
 
+mod commands;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -46,6 +48,60 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Run an image as a container.
+    Run(commands::containers::RunArgs),
+    /// List containers.
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container: SIGTERM, then SIGKILL after the grace period.
+    Stop {
+        /// Container name.
+        name: String,
+        /// Seconds to wait before SIGKILL (default: the server's runtime.stop_grace).
+        #[arg(long, short = 't')]
+        time: Option<u64>,
+    },
+    /// Remove a container and everything it left behind (volumes stay).
+    Rm {
+        /// Container name.
+        name: String,
+        /// Stop it first if it is running.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Print a container's output.
+    Logs {
+        /// Container name.
+        name: String,
+        /// Keep following until the container is done.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Build and inspect images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build an image from files, directories or binaries, without a daemon, and push it.
+    Pack(Box<commands::image::PackArgs>),
+    /// List the images in Slipway's registry.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's manifest and config as JSON.
+    Inspect {
+        /// Image reference.
+        reference: String,
     },
 }
 
@@ -91,7 +147,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<ConfigError>().is_some() {
@@ -103,10 +160,35 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let client = || AdminClient::new(&cli.server);
     match cli.command {
+        Command::Run(args) => return commands::containers::run(&client()?, args).await,
+        Command::Ps { json } => commands::containers::ps(&client()?, json).await?,
+        Command::Stop { name, time } => commands::containers::stop(&client()?, &name, time).await?,
+        Command::Rm { name, force } => commands::containers::rm(&client()?, &name, force).await?,
+        Command::Logs { name, follow } => {
+            commands::containers::logs(&client()?, &name, follow).await?
+        }
+        Command::Image { command } => {
+            let c = client()?;
+            match command {
+                ImageCommand::Pack(args) => commands::image::pack(c.host(), *args).await?,
+                ImageCommand::Ls { json } => commands::image::ls(c.host(), json).await?,
+                ImageCommand::Inspect { reference } => {
+                    commands::image::inspect(c.host(), &reference).await?
+                }
+            }
+        }
+        other => run_admin(other, &cli.server).await?,
+    }
+    Ok(0)
+}
+
+async fn run_admin(command: Command, server: &str) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => serve(args).await,
-        Command::Gc { dry_run, json } => gc(&cli.server, dry_run, json).await,
+        Command::Gc { dry_run, json } => gc(server, dry_run, json).await,
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
@@ -131,8 +213,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.gc.delete_untagged
             );
             println!("webhooks = {}", settings.webhooks.len());
+            println!("runtime = {}", settings.runtime.binary);
             Ok(())
         }
+        _ => Ok(()),
     }
 }
 

@@ -1,0 +1,468 @@
+//! Containers from Slipway's registry run by real runc: pack, run, curl, stop,
+//! restart policies, OOM, hostile layers, re-adoption and cleanup.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use slipway_testkit::{TestServer, cli, free_port, hello_bin, http_get, poll, sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_slipway");
+
+fn pack_hello(s: &TestServer, tag: &str, version: &str) {
+    let (code, out, err) = cli(
+        BIN,
+        s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            tag,
+            "--entrypoint",
+            "/hello",
+            "--env",
+            &format!("HELLO_VERSION={version}"),
+            "--expose",
+            "8080",
+            &format!("{}:/hello", hello_bin().display()),
+        ],
+    );
+    assert_eq!(code, 0, "pack failed: {err}");
+    assert!(out.trim().starts_with("sha256:"), "{out}");
+}
+
+fn info(s: &TestServer, name: &str) -> serde_json::Value {
+    s.get(&format!("/api/v1/containers/{name}")).json()
+}
+
+fn wait_status(
+    s: &TestServer,
+    name: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    poll(Duration::from_secs(30), || {
+        let i = info(s, name);
+        pred(&i).then_some(i)
+    })
+    .unwrap_or_else(|| panic!("{name} never reached the expected state: {}", info(s, name)))
+}
+
+/// Removes the container with the CLI and asserts nothing of it is left: process,
+/// mount, cgroup, files.
+fn rm_and_assert_gone(s: &TestServer, name: &str, force: bool, pid: Option<u64>) {
+    let id = info(s, name)["id"].as_str().expect("id").to_owned();
+    let args: &[&str] = if force {
+        &["rm", "-f", name]
+    } else {
+        &["rm", name]
+    };
+    let (code, _, err) = cli(BIN, s, args);
+    assert_eq!(code, 0, "{err}");
+    let dir = s.data.join("runtime/containers").join(name);
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&format!("{}/", dir.display())),
+        "a mount under {} is left",
+        dir.display()
+    );
+    for ctl in ["memory", "pids", "cpu,cpuacct"] {
+        let cg = Path::new("/sys/fs/cgroup")
+            .join(ctl)
+            .join("slipway")
+            .join(&id);
+        assert!(!cg.exists(), "{} is left", cg.display());
+    }
+    if let Some(pid) = pid {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is left"
+        );
+    }
+}
+
+#[test]
+fn packed_hello_runs_answers_stops_gracefully_and_leaves_nothing() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1.0.0", "1.0.0");
+    // Packing is deterministic: the same inputs give the same digest.
+    let first = s
+        .get("/v2/hello/manifests/1.0.0")
+        .header("docker-content-digest")
+        .map(str::to_owned);
+    pack_hello(&s, "hello:again", "1.0.0");
+    assert_eq!(
+        first.as_deref(),
+        s.get("/v2/hello/manifests/again")
+            .header("docker-content-digest")
+    );
+
+    let port = free_port();
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--port",
+            &port.to_string(),
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.5",
+            "hello:1.0.0",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "web");
+    let body = poll(Duration::from_secs(20), || {
+        http_get(port, "/").filter(|r| r.status == 200)
+    })
+    .expect("hello answers");
+    assert!(String::from_utf8_lossy(&body.body).starts_with("hello 1.0.0 from "));
+    assert_eq!(http_get(port, "/healthz").map(|r| r.status), Some(200));
+    let i = info(&s, "web");
+    assert_eq!(i["status"], "running");
+    let pid = i["pid"].as_u64();
+    // The limits are real cgroup settings while it runs.
+    let cg = Path::new("/sys/fs/cgroup/memory/slipway").join(i["id"].as_str().expect("id"));
+    assert_eq!(
+        std::fs::read_to_string(cg.join("memory.limit_in_bytes"))
+            .expect("cgroup")
+            .trim(),
+        (64u64 << 20).to_string()
+    );
+    let (_, ps, _) = cli(BIN, &s, &["ps"]);
+    assert!(ps.contains("web") && ps.contains("running"), "{ps}");
+
+    let (code, out, _) = cli(BIN, &s, &["stop", "web"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("stopped (0)"),
+        "SIGTERM made hello exit cleanly: {out}"
+    );
+    let (_, logs, _) = cli(BIN, &s, &["logs", "web"]);
+    assert!(
+        logs.contains("SIGTERM, draining") && logs.contains("bye"),
+        "{logs}"
+    );
+    rm_and_assert_gone(&s, "web", false, pid);
+    // Starting the same image again unpacks nothing new.
+    let snapshots = std::fs::read_dir(s.data.join("runtime/snapshots/sha256"))
+        .expect("snapshots")
+        .count();
+    let port2 = free_port();
+    assert_eq!(
+        cli(
+            BIN,
+            &s,
+            &[
+                "run",
+                "-d",
+                "--name",
+                "web2",
+                "--port",
+                &port2.to_string(),
+                "hello:1.0.0"
+            ]
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(s.data.join("runtime/snapshots/sha256"))
+            .expect("snapshots")
+            .count(),
+        snapshots
+    );
+    rm_and_assert_gone(&s, "web2", true, None);
+}
+
+#[test]
+fn crashing_container_restarts_with_growing_backoff() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let port = free_port();
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "crashy",
+            "--port",
+            &port.to_string(),
+            "--restart",
+            "on-failure",
+            "--env",
+            "HELLO_CRASH_AFTER_MS=100",
+            "hello:1",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut seen = Vec::new();
+    poll(Duration::from_secs(30), || {
+        let i = info(&s, "crashy");
+        if let Some(b) = i["backoff_ms"].as_u64()
+            && seen.last() != Some(&b)
+        {
+            seen.push(b);
+        }
+        (i["restart_count"].as_u64().unwrap_or(0) >= 4).then_some(())
+    })
+    .expect("restarted four times");
+    assert!(
+        seen.windows(2).all(|w| w[1] > w[0]) && seen.len() >= 2,
+        "backoff grows: {seen:?}"
+    );
+    assert_eq!(info(&s, "crashy")["exit_code"], 3);
+    rm_and_assert_gone(&s, "crashy", true, None);
+}
+
+#[test]
+fn memory_limit_is_enforced_and_the_oom_kill_recorded() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "hog",
+            "--memory",
+            "32m",
+            "--env",
+            "HELLO_ALLOC_MB=256",
+            "--port",
+            &free_port().to_string(),
+            "hello:1",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let i = wait_status(&s, "hog", |i| i["status"] == "exited");
+    assert_eq!(i["oom_killed"], true, "{i}");
+    assert_eq!(i["exit_code"], 137);
+    rm_and_assert_gone(&s, "hog", false, None);
+}
+
+/// Pushes an image whose single layer is `layer` (an uncompressed tar).
+fn push_raw_image(s: &TestServer, repo: &str, tag: &str, layer: &[u8], config: &str) {
+    let c = s.push_blob(repo, config.as_bytes());
+    let l = s.push_blob(repo, layer);
+    let m = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let r = s.request(
+        "PUT",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        m.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+}
+
+fn hostile_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_link_name("/etc").expect("link");
+    h.set_path("evil").expect("path");
+    h.set_cksum();
+    b.append(&h, std::io::empty()).expect("append");
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_path("evil/slipway-pwned").expect("path");
+    h.set_cksum();
+    b.append(&h, &b"owned"[..]).expect("append");
+    b.into_inner().expect("tar")
+}
+
+#[test]
+fn bad_images_and_requests_get_clear_errors_and_leave_nothing() {
+    let s = TestServer::start(BIN);
+    let cfg = r#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/x"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    push_raw_image(&s, "evil", "v1", &hostile_tar(), cfg);
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "--name", "evil", "evil:v1"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is rejected") && err.contains("symlink"),
+        "{err}"
+    );
+    assert!(!Path::new("/etc/slipway-pwned").exists());
+
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "nothing:here"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("image not found"), "{err}");
+
+    let arm = r#"{"architecture":"arm64","os":"linux","config":{"Cmd":["/x"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    push_raw_image(
+        &s,
+        "arm",
+        "v1",
+        &tar::Builder::new(Vec::new()).into_inner().expect("tar"),
+        arm,
+    );
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "arm:v1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not linux/amd64"), "{err}");
+
+    // A layer whose stored bytes were corrupted on disk.
+    pack_hello(&s, "hello:1", "1");
+    let m = s.get("/v2/hello/manifests/1").json();
+    let layer = m["layers"][0]["digest"].as_str().expect("layer").to_owned();
+    let blob = s
+        .data
+        .join("blobs/sha256")
+        .join(&layer[7..9])
+        .join(&layer[7..]);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blob, &bytes).expect("corrupt");
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "hello:1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("corrupt"), "{err}");
+    assert_ne!(
+        sha256(&bytes),
+        layer,
+        "the blob on disk really was corrupted"
+    );
+
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "--memory", "lots", "hello:1"]);
+    assert!(code != 0 && err.contains("memory:"), "{err}");
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "--cpus", "0", "hello:1"]);
+    assert!(code != 0 && err.contains("cpus:"), "{err}");
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "--port", &port, "hello:1"]);
+    assert!(code != 0 && err.contains("already in use"), "{err}");
+
+    // Nothing was left by any failure.
+    assert_eq!(
+        std::fs::read_dir(s.data.join("runtime/containers"))
+            .expect("dir")
+            .count(),
+        0
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(s.data.join("runtime/snapshots"))
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(s.get("/api/v1/containers").json(), serde_json::json!([]));
+}
+
+#[test]
+fn missing_runc_is_reported_with_how_to_install_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[runtime]\nbinary = \"runc-not-installed\"\n").expect("write");
+    let s = TestServer::start_with(BIN, &["--config", cfg.to_str().expect("utf8")]);
+    pack_hello(&s, "hello:1", "1");
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "hello:1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("apt-get install -y runc"), "{err}");
+}
+
+#[test]
+fn running_containers_are_readopted_after_a_daemon_restart() {
+    let mut s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let port = free_port();
+    assert_eq!(
+        cli(
+            BIN,
+            &s,
+            &[
+                "run",
+                "-d",
+                "--name",
+                "keep",
+                "--port",
+                &port.to_string(),
+                "hello:1"
+            ]
+        )
+        .0,
+        0
+    );
+    poll(Duration::from_secs(20), || {
+        http_get(port, "/").filter(|r| r.status == 200)
+    })
+    .expect("answers");
+    let pid = wait_status(&s, "keep", |i| {
+        i["pid"].as_u64().is_some_and(|p| p > 0) && i["status"] == "running"
+    })["pid"]
+        .as_u64();
+    s.crash_and_restart();
+    let i = wait_status(&s, "keep", |i| i["status"] == "running");
+    assert_eq!(
+        i["pid"].as_u64(),
+        pid,
+        "the same process was adopted, not restarted"
+    );
+    assert_eq!(http_get(port, "/").map(|r| r.status), Some(200));
+    assert_eq!(cli(BIN, &s, &["stop", "keep"]).0, 0);
+    rm_and_assert_gone(&s, "keep", false, pid);
+}
+
+#[test]
+fn busybox_image_made_by_umoci_and_skopeo_runs_attached() {
+    let s = TestServer::start(BIN);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let layout = slipway_testkit::busybox_layout(tmp.path(), "v1");
+    slipway_testkit::run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/busybox:v1", s.host()),
+    ]));
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "bb",
+            "busybox:v1",
+            "--",
+            "/bin/busybox",
+            "cat",
+            "/hello.txt",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "generated for v1\n");
+    let (code, _, _) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "bb-fail",
+            "busybox:v1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "exit 7",
+        ],
+    );
+    assert_eq!(code, 7, "the container's exit code is the command's");
+    for n in ["bb", "bb-fail"] {
+        rm_and_assert_gone(&s, n, false, None);
+    }
+}
