@@ -256,8 +256,9 @@ impl Runtime {
                     .join("snapshots")
                     .join(format!("tmp-{}", uuid::Uuid::new_v4()));
                 let (digest, tmp2, blob2) = (layer.digest.clone(), tmp.clone(), blob.clone());
+                let lowers: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
                 let res = tokio::task::spawn_blocking(move || {
-                    unpack::unpack_layer(&blob2, &digest, compression, &tmp2)
+                    unpack::unpack_layer(&blob2, &digest, compression, &tmp2, &lowers)
                 })
                 .await
                 .map_err(|e| RuntimeError::Io("unpack task".into(), std::io::Error::other(e)))?;

@@ -139,6 +139,18 @@ fn prepare_parents(root: &Path, rel: &Path) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether a path inside a lower snapshot resolves through a symlink (then it is
+/// not a plain file of that layer and must not be followed).
+fn lower_path_has_symlink(root: &Path, rel: &Path) -> bool {
+    let mut cur = root.to_path_buf();
+    rel.parent().is_some_and(|parent| {
+        parent.components().any(|c| {
+            cur.push(c);
+            fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink())
+        })
+    })
+}
+
 fn remove_existing(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
@@ -150,11 +162,16 @@ fn remove_existing(path: &Path) -> io::Result<()> {
 /// Unpacks the layer blob at `blob` into `dest` (created; must not exist), verifying
 /// that the blob hashes to `digest`. On error `dest` may hold partial content; the
 /// caller removes it.
+///
+/// `lowers` are the snapshots below this layer, top first: a hardlink to a file
+/// that only a lower layer has becomes a copy of it (what overlayfs' copy-up would
+/// give).
 pub fn unpack_layer(
     blob: &Path,
     digest: &Digest,
     compression: LayerCompression,
     dest: &Path,
+    lowers: &[PathBuf],
 ) -> Result<(), UnpackError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
@@ -195,7 +212,7 @@ pub fn unpack_layer(
                 }
                 Err(e) => return Err(corrupt(e)),
             };
-            apply_entry(&mut entry, dest, digest)?;
+            apply_entry(&mut entry, dest, digest, lowers)?;
         }
         // Read whatever follows the tar end marker so the whole blob is hashed.
         let mut rest = archive.into_inner();
@@ -228,6 +245,7 @@ fn apply_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     dest: &Path,
     layer: &Digest,
+    lowers: &[PathBuf],
 ) -> Result<(), UnpackError> {
     let raw = entry
         .path()
@@ -320,12 +338,26 @@ fn apply_entry<R: Read>(
             let target_rel = clean(&target).map_err(escape)?;
             prepare_parents(dest, &target_rel).map_err(escape)?;
             let source = dest.join(&target_rel);
-            if fs::symlink_metadata(&source).is_err() {
-                return Err(escape("is a hardlink to a file the layer does not have"));
-            }
             remove_existing(&path).map_err(write_err)?;
-            fs::hard_link(&source, &path).map_err(write_err)?;
-            return Ok(()); // shares the target's inode, owner and mode
+            if fs::symlink_metadata(&source).is_ok() {
+                fs::hard_link(&source, &path).map_err(write_err)?;
+                return Ok(()); // shares the target's inode, owner and mode
+            }
+            // The target is in a lower layer: copy it up.
+            let lower = lowers
+                .iter()
+                .filter(|l| !lower_path_has_symlink(l, &target_rel))
+                .map(|l| l.join(&target_rel))
+                .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+                .ok_or_else(|| escape("is a hardlink to a file no layer has"))?;
+            let meta = fs::metadata(&lower).map_err(write_err)?;
+            fs::copy(&lower, &path).map_err(write_err)?;
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::lchown(&path, Some(meta.uid()), Some(meta.gid()))
+                .map_err(write_err)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(write_err)?;
+            return Ok(());
         }
         tar::EntryType::Fifo => {
             remove_existing(&path).map_err(write_err)?;
@@ -385,7 +417,13 @@ mod tests {
         d: &Digest,
     ) -> (tempfile::TempDir, Result<(), UnpackError>) {
         let out = tempfile::tempdir().expect("tmp");
-        let r = unpack_layer(f.path(), d, LayerCompression::None, &out.path().join("l"));
+        let r = unpack_layer(
+            f.path(),
+            d,
+            LayerCompression::None,
+            &out.path().join("l"),
+            &[],
+        );
         (out, r)
     }
 
@@ -463,6 +501,7 @@ mod tests {
             &Digest::sha256_of(b"definitely not gzip"),
             LayerCompression::Gzip,
             &out.path().join("l"),
+            &[],
         );
         assert!(matches!(r, Err(UnpackError::Corrupt { .. })), "{r:?}");
     }

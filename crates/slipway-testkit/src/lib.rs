@@ -134,6 +134,7 @@ impl TestServer {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                log2.lock().unwrap().push(line.clone());
                 if let Some(i) = line.find("listening on ") {
                     let url = &line[i + "listening on ".len()..];
                     let addr = url
@@ -147,7 +148,6 @@ impl TestServer {
                         let _ = t.send(a);
                     }
                 }
-                log2.lock().unwrap().push(line);
             }
         });
         let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
@@ -282,21 +282,17 @@ impl Drop for TestServer {
         // Containers outlive the daemon by design; a test that failed half-way must
         // still leave none behind.
         if self.child.is_some() {
-            let listed = std::panic::catch_unwind(|| self.get("/api/v1/containers"));
-            if let Ok(r) = listed
+            if let Some(r) = try_request(self.addr, "GET", "/api/v1/containers")
                 && let Ok(serde_json::Value::Array(list)) =
                     serde_json::from_slice::<serde_json::Value>(&r.body)
             {
                 for c in list {
                     if let Some(name) = c["name"].as_str() {
-                        let _ = std::panic::catch_unwind(|| {
-                            self.request(
-                                "DELETE",
-                                &format!("/api/v1/containers/{name}?force=true"),
-                                &[],
-                                b"",
-                            )
-                        });
+                        let _ = try_request(
+                            self.addr,
+                            "DELETE",
+                            &format!("/api/v1/containers/{name}?force=true"),
+                        );
                     }
                 }
             }
@@ -306,6 +302,17 @@ impl Drop for TestServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A request that reports failure instead of panicking (for cleanup paths).
+fn try_request(addr: SocketAddr, method: &str, path: &str) -> Option<Response> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    (raw.starts_with(b"HTTP/1.") && raw.windows(4).any(|w| w == b"\r\n\r\n"))
+        .then(|| parse_response(&raw, false))
 }
 
 /// sha256 digest string of `data`.
