@@ -281,19 +281,18 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         // Containers outlive the daemon by design; a test that failed half-way must
         // still leave none behind.
-        if self.child.is_some() {
-            if let Some(r) = try_request(self.addr, "GET", "/api/v1/containers")
-                && let Ok(serde_json::Value::Array(list)) =
-                    serde_json::from_slice::<serde_json::Value>(&r.body)
-            {
-                for c in list {
-                    if let Some(name) = c["name"].as_str() {
-                        let _ = try_request(
-                            self.addr,
-                            "DELETE",
-                            &format!("/api/v1/containers/{name}?force=true"),
-                        );
-                    }
+        if self.child.is_some()
+            && let Some(r) = try_request(self.addr, "GET", "/api/v1/containers")
+            && let Ok(serde_json::Value::Array(list)) =
+                serde_json::from_slice::<serde_json::Value>(&r.body)
+        {
+            for c in list {
+                if let Some(name) = c["name"].as_str() {
+                    let _ = try_request(
+                        self.addr,
+                        "DELETE",
+                        &format!("/api/v1/containers/{name}?force=true"),
+                    );
                 }
             }
         }
