@@ -294,8 +294,10 @@ impl Runtime {
         {
             return Err(RuntimeError::PortInUse(port));
         }
+        let t0 = tokio::time::Instant::now();
         let img = self.resolve(&req.image).await?;
         let lowers = self.ensure_snapshots(&img).await?;
+        tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "image resolved and unpacked");
 
         let dir = self.dir(&name);
         // Claim the name on disk; everything below is undone on failure.
@@ -326,6 +328,7 @@ impl Runtime {
                 ctr.update(&dir, |_| {});
                 lock(&self.containers).insert(name.clone(), ctr.clone());
                 let mut status = ctr.status.subscribe();
+                tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "bundle ready");
                 tokio::spawn(self.clone().supervise(ctr.clone(), runc, None));
                 // Wait for the first start to happen (or fail).
                 let _ = tokio::time::timeout(
@@ -333,6 +336,7 @@ impl Runtime {
                     status.wait_for(|s| *s != Status::Created),
                 )
                 .await;
+                tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "container started");
                 Ok(lock(&ctr.info).clone())
             }
             Err(e) => {
@@ -507,7 +511,6 @@ impl Runtime {
                     ),
                 )
             } else {
-                let _ = runc.delete(&id).await;
                 let log = match Self::open_log(&dir) {
                     Ok(l) => l,
                     Err(e) => {

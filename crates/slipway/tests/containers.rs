@@ -466,3 +466,185 @@ fn busybox_image_made_by_umoci_and_skopeo_runs_attached() {
         rm_and_assert_gone(&s, n, false, None);
     }
 }
+
+#[test]
+fn zstd_layers_read_only_rootfs_and_named_volumes_work() {
+    let s = TestServer::start(BIN);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            "tools:zstd",
+            "--compression",
+            "zstd",
+            "--entrypoint",
+            "/bin/busybox",
+            "/bin/busybox:/bin/busybox",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let m = s.get("/v2/tools/manifests/zstd").json();
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    let _ = tmp;
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "writer",
+            "--read-only",
+            "--volume",
+            "shared:/data",
+            "tools:zstd",
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /data/note && (touch /rootfs-write 2>/dev/null && echo writable || echo read-only)",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "read-only");
+    rm_and_assert_gone(&s, "writer", false, None);
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "reader",
+            "--volume",
+            "shared:/data",
+            "tools:zstd",
+            "--",
+            "cat",
+            "/data/note",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "kept",
+        "the named volume outlived its first container"
+    );
+    rm_and_assert_gone(&s, "reader", false, None);
+}
+
+#[test]
+fn logs_rotate_past_their_size_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[runtime]\nlog_max_bytes = 4096\nlog_files = 2\n").expect("write");
+    let s = TestServer::start_with(BIN, &["--config", cfg.to_str().expect("utf8")]);
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            "tools:1",
+            "--entrypoint",
+            "/bin/busybox",
+            "/bin/busybox:/bin/busybox",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "chatty",
+            "tools:1",
+            "--",
+            "sh",
+            "-c",
+            "while true; do echo 0123456789012345678901234567890123456789; usleep 2000; done",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let cdir = s.data.join("runtime/containers/chatty");
+    poll(Duration::from_secs(30), || {
+        (cdir.join("container.log.2").exists()).then_some(())
+    })
+    .expect("rotated twice");
+    assert!(
+        !cdir.join("container.log.3").exists(),
+        "only log_files rotations are kept"
+    );
+    let (_, logs, _) = cli(BIN, &s, &["logs", "chatty"]);
+    assert!(logs.contains("0123456789"), "the live log still has output");
+    rm_and_assert_gone(&s, "chatty", true, None);
+}
+
+#[test]
+fn images_run_from_another_registry() {
+    let s = TestServer::start(BIN);
+    let dist_dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let cfg = dist_dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+            dist_dir.path().join("data").display()
+        ),
+    )
+    .expect("write");
+    let mut dist = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry");
+    let up = poll(Duration::from_secs(10), || {
+        http_get(port, "/v2/").filter(|r| r.status == 200)
+    });
+    let tmp = tempfile::tempdir().expect("tmp");
+    let layout = slipway_testkit::busybox_layout(tmp.path(), "remote");
+    let copied = up.is_some()
+        && Command::new("skopeo")
+            .args([
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                &format!("oci:{}:remote", layout.display()),
+                &format!("docker://127.0.0.1:{port}/busybox:remote"),
+            ])
+            .status()
+            .is_ok_and(|st| st.success());
+    let result = copied.then(|| {
+        cli(
+            BIN,
+            &s,
+            &[
+                "run",
+                "--name",
+                "remote",
+                &format!("127.0.0.1:{port}/busybox:remote"),
+                "--",
+                "/bin/busybox",
+                "cat",
+                "/hello.txt",
+            ],
+        )
+    });
+    let _ = dist.kill();
+    let _ = dist.wait();
+    let (code, out, err) = result.expect("Distribution started and took the image");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "generated for remote\n");
+    rm_and_assert_gone(&s, "remote", false, None);
+}
