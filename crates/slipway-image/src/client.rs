@@ -58,6 +58,17 @@ pub struct RegistryClient {
 /// Called with the number of bytes sent so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// The strings of a JSON array (empty for anything else).
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn full(b: Bytes) -> Body {
     Full::new(b).map_err(|never| match never {}).boxed()
 }
@@ -345,30 +356,16 @@ impl RegistryClient {
 
     /// Lists repositories.
     pub async fn catalog(&self) -> Result<Vec<String>, ClientError> {
-        let url = format!("{}/v2/_catalog", self.base);
-        let j = self.get_json(&url).await?;
-        Ok(j["repositories"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let j = self.get_json(&format!("{}/v2/_catalog", self.base)).await?;
+        Ok(strings(&j["repositories"]))
     }
 
     /// Lists a repository's tags.
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, ClientError> {
-        let url = format!("{}/v2/{repo}/tags/list", self.base);
-        let j = self.get_json(&url).await?;
-        Ok(j["tags"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let j = self
+            .get_json(&format!("{}/v2/{repo}/tags/list", self.base))
+            .await?;
+        Ok(strings(&j["tags"]))
     }
 
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, ClientError> {

@@ -151,6 +151,19 @@ fn lower_path_has_symlink(root: &Path, rel: &Path) -> bool {
     })
 }
 
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    layer: &Digest,
+) -> Result<Option<PathBuf>, UnpackError> {
+    entry
+        .link_name()
+        .map(|t| t.map(std::borrow::Cow::into_owned))
+        .map_err(|source| UnpackError::Corrupt {
+            layer: layer.clone(),
+            source,
+        })
+}
+
 fn remove_existing(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
@@ -317,23 +330,13 @@ fn apply_entry<R: Read>(
             })?;
         }
         tar::EntryType::Symlink => {
-            let target = entry
-                .link_name()
-                .map_err(|source| UnpackError::Corrupt {
-                    layer: layer.clone(),
-                    source,
-                })?
+            let target = link_target(entry, layer)?
                 .ok_or_else(|| escape("is a symlink without a target"))?;
             remove_existing(&path).map_err(write_err)?;
             symlink(target, &path).map_err(write_err)?;
         }
         tar::EntryType::Link => {
-            let target = entry
-                .link_name()
-                .map_err(|source| UnpackError::Corrupt {
-                    layer: layer.clone(),
-                    source,
-                })?
+            let target = link_target(entry, layer)?
                 .ok_or_else(|| escape("is a hardlink without a target"))?;
             let target_rel = clean(&target).map_err(escape)?;
             prepare_parents(dest, &target_rel).map_err(escape)?;

@@ -105,6 +105,44 @@ pub(crate) fn open_db(path: &Path) -> Result<redb::Database> {
     Ok(database)
 }
 
+/// Records `repo` in the repositories table if it is new.
+fn ensure_repo(txn: &redb::WriteTransaction, repo: &RepoName, now: u64) -> Result<()> {
+    let mut repos = txn.open_table(REPOS).map_err(db)?;
+    if repos.get(repo.as_str()).map_err(db)?.is_none() {
+        repos.insert(repo.as_str(), now).map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Every blob a manifest needs must be linked into `repo`, and every child manifest
+/// must be in it.
+fn check_references(
+    repo: &RepoName,
+    parsed: &ParsedManifest,
+    links: &impl ReadableTable<&'static str, u64>,
+    manifests: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<()> {
+    for b in &parsed.blobs {
+        if links
+            .get(key(repo.as_str(), &b.to_string()).as_str())
+            .map_err(db)?
+            .is_none()
+        {
+            return Err(StoreError::ManifestBlobUnknown(b.clone()));
+        }
+    }
+    for m in &parsed.manifests {
+        if manifests
+            .get(key(repo.as_str(), &m.to_string()).as_str())
+            .map_err(db)?
+            .is_none()
+        {
+            return Err(StoreError::ManifestBlobUnknown(m.clone()));
+        }
+    }
+    Ok(())
+}
+
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| StoreError::Db(format!("encode record: {e}")))
 }
@@ -186,10 +224,7 @@ impl Store {
             links
                 .insert(key(to.as_str(), &d).as_str(), now_ms())
                 .map_err(db)?;
-            let mut repos = txn.open_table(REPOS).map_err(db)?;
-            if repos.get(to.as_str()).map_err(db)?.is_none() {
-                repos.insert(to.as_str(), now_ms()).map_err(db)?;
-            }
+            ensure_repo(&txn, to, now_ms())?;
         }
         txn.commit().map_err(db)?;
         self.touch(digest);
@@ -229,10 +264,7 @@ impl Store {
             links
                 .insert(key(repo.as_str(), &d).as_str(), now)
                 .map_err(db)?;
-            let mut repos = txn.open_table(REPOS).map_err(db)?;
-            if repos.get(repo.as_str()).map_err(db)?.is_none() {
-                repos.insert(repo.as_str(), now).map_err(db)?;
-            }
+            ensure_repo(&txn, repo, now)?;
         }
         txn.commit().map_err(db)?;
         self.stored_bytes
@@ -275,25 +307,8 @@ impl Store {
         {
             let r = self.db.begin_read().map_err(db)?;
             let links = r.open_table(REPO_BLOBS).map_err(db)?;
-            for b in &parsed.blobs {
-                if links
-                    .get(key(repo.as_str(), &b.to_string()).as_str())
-                    .map_err(db)?
-                    .is_none()
-                {
-                    return Err(StoreError::ManifestBlobUnknown(b.clone()));
-                }
-            }
             let manifests = r.open_table(MANIFESTS).map_err(db)?;
-            for m in &parsed.manifests {
-                if manifests
-                    .get(key(repo.as_str(), &m.to_string()).as_str())
-                    .map_err(db)?
-                    .is_none()
-                {
-                    return Err(StoreError::ManifestBlobUnknown(m.clone()));
-                }
-            }
+            check_references(repo, &parsed, &links, &manifests)?;
         }
 
         let _guard = self
@@ -311,26 +326,9 @@ impl Store {
         {
             // Re-check inside the write transaction: GC may have run since the read.
             let links = txn.open_table(REPO_BLOBS).map_err(db)?;
-            for b in &record.parsed.blobs {
-                if links
-                    .get(key(repo.as_str(), &b.to_string()).as_str())
-                    .map_err(db)?
-                    .is_none()
-                {
-                    return Err(StoreError::ManifestBlobUnknown(b.clone()));
-                }
-            }
-            drop(links);
             let mut manifests = txn.open_table(MANIFESTS).map_err(db)?;
-            for m in &record.parsed.manifests {
-                if manifests
-                    .get(key(repo.as_str(), &m.to_string()).as_str())
-                    .map_err(db)?
-                    .is_none()
-                {
-                    return Err(StoreError::ManifestBlobUnknown(m.clone()));
-                }
-            }
+            check_references(repo, &record.parsed, &links, &manifests)?;
+            drop(links);
             manifests
                 .insert(key(repo.as_str(), &d).as_str(), json(&record)?.as_slice())
                 .map_err(db)?;
@@ -359,10 +357,7 @@ impl Store {
                 )
                 .map_err(db)?;
             }
-            let mut repos = txn.open_table(REPOS).map_err(db)?;
-            if repos.get(repo.as_str()).map_err(db)?.is_none() {
-                repos.insert(repo.as_str(), now).map_err(db)?;
-            }
+            ensure_repo(&txn, repo, now)?;
         }
         txn.commit().map_err(db)?;
         self.stored_bytes

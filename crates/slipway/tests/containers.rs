@@ -9,27 +9,40 @@ use slipway_testkit::{TestServer, cli, free_port, hello_bin, http_get, poll, sha
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
-fn pack_hello(s: &TestServer, tag: &str, version: &str) {
-    let (code, out, err) = cli(
-        BIN,
-        s,
-        &[
-            "image",
-            "pack",
-            "-q",
-            "--tag",
-            tag,
-            "--entrypoint",
-            "/hello",
-            "--env",
-            &format!("HELLO_VERSION={version}"),
-            "--expose",
-            "8080",
-            &format!("{}:/hello", hello_bin().display()),
-        ],
-    );
+/// Packs one input as `tag` with `entrypoint` and extra pack flags; returns the digest.
+fn pack(s: &TestServer, tag: &str, entrypoint: &str, extra: &[&str], input: &str) -> String {
+    let mut args = vec![
+        "image",
+        "pack",
+        "-q",
+        "--tag",
+        tag,
+        "--entrypoint",
+        entrypoint,
+    ];
+    args.extend_from_slice(extra);
+    args.push(input);
+    let (code, out, err) = cli(BIN, s, &args);
     assert_eq!(code, 0, "pack failed: {err}");
     assert!(out.trim().starts_with("sha256:"), "{out}");
+    out.trim().to_owned()
+}
+
+fn pack_hello(s: &TestServer, tag: &str, version: &str) {
+    let env = format!("HELLO_VERSION={version}");
+    let input = format!("{}:/hello", hello_bin().display());
+    pack(
+        s,
+        tag,
+        "/hello",
+        &["--env", &env, "--expose", "8080"],
+        &input,
+    );
+}
+
+/// Packs busybox-static as `tag`, entrypoint `/bin/busybox`, with extra pack flags.
+fn pack_busybox(s: &TestServer, tag: &str, extra: &[&str]) {
+    pack(s, tag, "/bin/busybox", extra, "/bin/busybox:/bin/busybox");
 }
 
 fn info(s: &TestServer, name: &str) -> serde_json::Value {
@@ -470,30 +483,12 @@ fn busybox_image_made_by_umoci_and_skopeo_runs_attached() {
 #[test]
 fn zstd_layers_read_only_rootfs_and_named_volumes_work() {
     let s = TestServer::start(BIN);
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (code, _, err) = cli(
-        BIN,
-        &s,
-        &[
-            "image",
-            "pack",
-            "-q",
-            "--tag",
-            "tools:zstd",
-            "--compression",
-            "zstd",
-            "--entrypoint",
-            "/bin/busybox",
-            "/bin/busybox:/bin/busybox",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    pack_busybox(&s, "tools:zstd", &["--compression", "zstd"]);
     let m = s.get("/v2/tools/manifests/zstd").json();
     assert_eq!(
         m["layers"][0]["mediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
-    let _ = tmp;
     let (code, out, err) = cli(
         BIN,
         &s,
@@ -544,21 +539,7 @@ fn logs_rotate_past_their_size_limit() {
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[runtime]\nlog_max_bytes = 4096\nlog_files = 2\n").expect("write");
     let s = TestServer::start_with(BIN, &["--config", cfg.to_str().expect("utf8")]);
-    let (code, _, err) = cli(
-        BIN,
-        &s,
-        &[
-            "image",
-            "pack",
-            "-q",
-            "--tag",
-            "tools:1",
-            "--entrypoint",
-            "/bin/busybox",
-            "/bin/busybox:/bin/busybox",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    pack_busybox(&s, "tools:1", &[]);
     let (code, _, err) = cli(
         BIN,
         &s,

@@ -77,13 +77,7 @@ fn sigterm_lets_an_in_flight_upload_finish_then_exits_zero() {
     );
     // Wait until the server is inside the request (bytes are landing).
     poll(Duration::from_secs(10), || {
-        let staged: u64 = std::fs::read_dir(s.data.join("uploads"))
-            .ok()?
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        (staged > 0).then_some(())
+        (staged_bytes(&s)? > 0).then_some(())
     })
     .expect("upload in progress");
     let pid = s.pid();
@@ -140,12 +134,7 @@ fn kill_nine_during_uploads_never_exposes_partial_or_corrupt_content() {
             &big[..700_000],
         );
         poll(Duration::from_secs(10), || {
-            let staged: u64 = std::fs::read_dir(s.data.join("uploads"))
-                .ok()?
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum();
+            let staged = staged_bytes(&s)?;
             (staged >= 100_000).then_some(())
         })
         .expect("uploads in progress");
@@ -159,6 +148,18 @@ fn kill_nine_during_uploads_never_exposes_partial_or_corrupt_content() {
         );
         verify_store(&s);
     }
+}
+
+/// Bytes sitting in upload staging files.
+fn staged_bytes(s: &TestServer) -> Option<u64> {
+    Some(
+        std::fs::read_dir(s.data.join("uploads"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+    )
 }
 
 /// Every visible manifest's references exist, and every visible blob hashes to its digest.
