@@ -1,0 +1,393 @@
+//! The data plane: one reverse proxy per service ingress.
+//!
+//! The controller publishes whole [`RouteTable`] snapshots; the proxy swaps them
+//! atomically and never blocks a request on the controller. Within a table,
+//! revisions are chosen by weight and backends within a revision round-robin.
+//!
+//! - A backend removed from the table (or marked draining) gets no new requests;
+//!   its in-flight count tells the controller when it is idle.
+//! - GET and HEAD are retried on another backend after a connection failure.
+//! - With no backend at all, requests wait (up to the hold timeout) for one.
+//! - Upgrades (WebSocket) and streamed bodies (SSE) pass through; an open one keeps
+//!   its backend busy until it ends.
+//! - `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Request-Id` are set.
+//! - Per revision: requests, errors (5xx and failures) and a latency histogram.
+//!
+//! **Architecture invariant:** this crate knows routes and backends, not
+//! deployments.
+
+mod metrics;
+
+pub use metrics::{RevisionStats, Stats};
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// One instance the proxy can send requests to.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    in_flight: AtomicU64,
+    draining: AtomicBool,
+}
+
+impl Backend {
+    /// A backend at `addr`.
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self { addr, in_flight: AtomicU64::new(0), draining: AtomicBool::new(false) })
+    }
+
+    /// Requests (and open streams or upgrades) currently being served.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Stops new requests from reaching this backend.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether it is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// One revision's share of traffic.
+#[derive(Debug, Clone)]
+pub struct RevisionRoute {
+    /// Revision number.
+    pub revision: u64,
+    /// Relative weight (0 = no traffic unless forced by header).
+    pub weight: u32,
+    /// Its ready backends.
+    pub backends: Vec<Arc<Backend>>,
+}
+
+/// What the proxy routes by: a snapshot published by the controller.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    /// Revisions with their weights and backends.
+    pub revisions: Vec<RevisionRoute>,
+}
+
+/// Balancing within a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Each backend in turn.
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest requests in flight.
+    LeastRequests,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    table: RwLock<Arc<RouteTable>>,
+    changed: watch::Sender<u64>,
+    counter: AtomicU64,
+    client: Client<HttpConnector, Body>,
+    hold: Duration,
+    balance: Balance,
+    stats: Mutex<HashMap<u64, Arc<RevisionStats>>>,
+}
+
+/// Header that pins a request to a revision (previews, A/B tests).
+pub const REVISION_HEADER: &str = "x-slipway-revision";
+/// Cookie that pins a request to a revision.
+pub const REVISION_COOKIE: &str = "slipway-revision";
+
+struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{msg}\n"))).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+impl Proxy {
+    /// A proxy holding requests up to `hold` when no backend is ready.
+    pub fn new(hold: Duration, balance: Balance) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(http);
+        Arc::new(Self {
+            table: RwLock::new(Arc::new(RouteTable::default())),
+            changed: watch::channel(0).0,
+            counter: AtomicU64::new(0),
+            client,
+            hold,
+            balance,
+            stats: Mutex::default(),
+        })
+    }
+
+    /// Swaps in a new route table. Backends that left it should be drained by the
+    /// caller, which waits for their in-flight count to reach zero.
+    pub fn set_routes(&self, table: RouteTable) {
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for r in &table.revisions {
+                stats.entry(r.revision).or_default();
+            }
+        }
+        *self.table.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The current table.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.table.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Counters of one revision (created on first use).
+    pub fn stats(&self, revision: u64) -> Arc<RevisionStats> {
+        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(revision).or_default().clone()
+    }
+
+    /// Counters of every revision seen.
+    pub fn all_stats(&self) -> Vec<(u64, Stats)> {
+        let stats = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<_> = stats.iter().map(|(r, s)| (*r, s.snapshot())).collect();
+        v.sort_by_key(|(r, _)| *r);
+        v
+    }
+
+    fn pinned_revision(req: &Request<Incoming>) -> Option<u64> {
+        if let Some(v) = req.headers().get(REVISION_HEADER).and_then(|v| v.to_str().ok()) {
+            return v.trim().parse().ok();
+        }
+        req.headers().get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|c| c.split(';')).find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == REVISION_COOKIE).then(|| v.parse().ok())?
+        })
+    }
+
+    /// Picks a backend, skipping `avoid`; `None` when nothing is available.
+    fn pick(&self, pinned: Option<u64>, avoid: &[SocketAddr]) -> Option<(u64, Arc<Backend>)> {
+        let table = self.routes();
+        let usable = |r: &RevisionRoute| r.backends.iter().any(|b| !b.is_draining() && !avoid.contains(&b.addr));
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let rev = match pinned.and_then(|p| table.revisions.iter().find(|r| r.revision == p && usable(r))) {
+            Some(r) => r,
+            None => {
+                let total: u64 = table.revisions.iter().filter(|r| usable(r)).map(|r| u64::from(r.weight)).sum();
+                if total == 0 {
+                    table.revisions.iter().find(|r| usable(r))?
+                } else {
+                    // Weighted choice spread evenly over a cycle of `total` requests.
+                    let mut point = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) % total;
+                    let mut chosen = None;
+                    for r in table.revisions.iter().filter(|r| usable(r)) {
+                        let w = u64::from(r.weight);
+                        if point < w {
+                            chosen = Some(r);
+                            break;
+                        }
+                        point -= w;
+                    }
+                    chosen?
+                }
+            }
+        };
+        let candidates: Vec<&Arc<Backend>> = rev.backends.iter().filter(|b| !b.is_draining() && !avoid.contains(&b.addr)).collect();
+        let b = match self.balance {
+            Balance::RoundRobin => candidates[usize::try_from(n).unwrap_or(0) % candidates.len()],
+            Balance::LeastRequests => candidates.iter().min_by_key(|b| b.in_flight())?,
+        };
+        Some((rev.revision, (*b).clone()))
+    }
+
+    async fn wait_for_backend(&self, pinned: Option<u64>) -> Option<(u64, Arc<Backend>)> {
+        if let Some(p) = self.pick(pinned, &[]) {
+            return Some(p);
+        }
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.hold;
+        loop {
+            if let Some(p) = self.pick(pinned, &[]) {
+                return Some(p);
+            }
+            // Re-check at least every 50 ms: a draining flag flips without a table change.
+            let step = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = step => {}
+                () = tokio::time::sleep_until(deadline) => return self.pick(pinned, &[]),
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+        let start = tokio::time::Instant::now();
+        let pinned = Self::pinned_revision(&req);
+        let Some((mut revision, mut backend)) = self.wait_for_backend(pinned).await else {
+            return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend"));
+        };
+        // Forwarding headers.
+        let h = req.headers_mut();
+        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert("x-forwarded-for", v);
+        }
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        if !h.contains_key("x-request-id") {
+            if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+                h.insert("x-request-id", v);
+            }
+        }
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        if upgrade {
+            return Ok(self.upgrade(req, revision, backend, start).await);
+        }
+        let retryable = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body.boxed());
+        let mut tried = Vec::new();
+        loop {
+            backend.in_flight.fetch_add(1, Ordering::AcqRel);
+            let guard = InFlight(backend.clone());
+            let mut out = Request::from_parts(parts.clone(), body.take().unwrap_or_else(|| Full::new(Bytes::new()).map_err(|never| match never {}).boxed()));
+            let uri = format!("http://{}{}", backend.addr, parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+            if let Ok(u) = uri.parse() {
+                *out.uri_mut() = u;
+            }
+            match self.client.request(out).await {
+                Ok(resp) => {
+                    let stats = self.stats(revision);
+                    let (rparts, rbody) = resp.into_parts();
+                    let status = rparts.status;
+                    stats.record(status.is_server_error(), start.elapsed());
+                    // The in-flight guard lives as long as the response body streams.
+                    let body = GuardedBody { inner: rbody, _guard: guard };
+                    return Ok(Response::from_parts(rparts, body.boxed()));
+                }
+                Err(e) => {
+                    drop(guard);
+                    tried.push(backend.addr);
+                    let connect_failed = e.is_connect();
+                    tracing::debug!(backend = %backend.addr, "proxy request failed: {e}");
+                    if retryable && connect_failed && tried.len() < 3 {
+                        if let Some((r, b)) = self.pick(pinned, &tried) {
+                            revision = r;
+                            backend = b;
+                            continue;
+                        }
+                    }
+                    self.stats(revision).record(true, start.elapsed());
+                    return Ok(text(StatusCode::BAD_GATEWAY, "backend failed"));
+                }
+            }
+        }
+    }
+
+    async fn upgrade(&self, mut req: Request<Incoming>, revision: u64, backend: Arc<Backend>, start: tokio::time::Instant) -> Response<Body> {
+        backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(backend.clone());
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, _) = req.into_parts();
+        let mut out = Request::from_parts(parts.clone(), Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        if let Ok(u) = format!("http://{}{}", backend.addr, parts.uri.path_and_query().map_or("/", |p| p.as_str())).parse() {
+            *out.uri_mut() = u;
+        }
+        let mut resp = match self.client.request(out).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats(revision).record(true, start.elapsed());
+                return text(StatusCode::BAD_GATEWAY, "backend failed");
+            }
+        };
+        self.stats(revision).record(resp.status().is_server_error(), start.elapsed());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
+                    let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                }
+            });
+        }
+        let (p, b) = resp.into_parts();
+        Response::from_parts(p, b.boxed())
+    }
+
+    /// Serves on `listener` until `shutdown` fires.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(_) => { tokio::time::sleep(Duration::from_millis(20)).await; continue; }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let svc = hyper::service::service_fn(move |req| me.clone().handle(req, peer));
+            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    }
+}
+
+/// A response body that keeps its backend counted as busy until it ends.
+struct GuardedBody {
+    inner: Incoming,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

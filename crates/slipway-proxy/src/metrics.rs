@@ -1,0 +1,106 @@
+//! Per-revision request counters and latency histogram, read by the analysis.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Latency bucket upper bounds, in milliseconds.
+pub const BUCKETS_MS: [u64; 14] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, u64::MAX];
+
+/// Live counters of one revision.
+#[derive(Debug, Default)]
+pub struct RevisionStats {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+}
+
+/// A point-in-time copy of [`RevisionStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Requests answered (or failed).
+    pub requests: u64,
+    /// 5xx answers and failures.
+    pub errors: u64,
+    /// Count per latency bucket.
+    pub buckets: [u64; BUCKETS_MS.len()],
+}
+
+impl RevisionStats {
+    /// Records one request.
+    pub fn record(&self, error: bool, latency: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS_MS.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> Stats {
+        let mut buckets = [0; BUCKETS_MS.len()];
+        for (i, b) in self.buckets.iter().enumerate() {
+            buckets[i] = b.load(Ordering::Relaxed);
+        }
+        Stats { requests: self.requests.load(Ordering::Relaxed), errors: self.errors.load(Ordering::Relaxed), buckets }
+    }
+}
+
+impl Stats {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let mut buckets = [0; BUCKETS_MS.len()];
+        for (i, b) in buckets.iter_mut().enumerate() {
+            *b = self.buckets[i].saturating_sub(earlier.buckets[i]);
+        }
+        Stats { requests: self.requests.saturating_sub(earlier.requests), errors: self.errors.saturating_sub(earlier.errors), buckets }
+    }
+
+    /// Error fraction (0 with no requests).
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            return 0.0;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "ratios of counters")]
+        let r = self.errors as f64 / self.requests as f64;
+        r
+    }
+
+    /// Upper bound of the bucket holding the 99th percentile, in ms.
+    pub fn p99_ms(&self) -> u64 {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = total - total / 100;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return BUCKETS_MS[i];
+            }
+        }
+        u64::MAX
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_rate_and_p99_come_from_the_counters() {
+        let s = RevisionStats::default();
+        for i in 0..100u64 {
+            s.record(i % 10 == 0, Duration::from_millis(if i == 99 { 400 } else { 3 }));
+        }
+        let snap = s.snapshot();
+        assert!((snap.error_rate() - 0.1).abs() < 1e-9);
+        assert_eq!(snap.p99_ms(), 5);
+        s.record(false, Duration::from_millis(900));
+        s.record(false, Duration::from_millis(900));
+        let d = s.snapshot().since(&snap);
+        assert_eq!((d.requests, d.errors, d.p99_ms()), (2, 0, 1000));
+    }
+}
