@@ -18,7 +18,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -154,7 +156,10 @@ pub enum Strategy {
 
 impl Default for Strategy {
     fn default() -> Self {
-        Self::Rolling { max_surge: 1, max_unavailable: 0 }
+        Self::Rolling {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
     }
 }
 
@@ -186,7 +191,11 @@ pub struct Analysis {
 
 impl Default for Analysis {
     fn default() -> Self {
-        Self { max_error_rate: 0.01, max_p99: None, min_requests: 20 }
+        Self {
+            max_error_rate: 0.01,
+            max_p99: None,
+            min_requests: 20,
+        }
     }
 }
 
@@ -247,13 +256,17 @@ pub enum SpecError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError::Invalid { field: field.into(), message: message.into() }
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 impl ServiceSpec {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
-        let spec: Self = toml::from_str(text).map_err(|e| SpecError::Parse(e.to_string().trim_end().to_owned()))?;
+        let spec: Self = toml::from_str(text)
+            .map_err(|e| SpecError::Parse(e.to_string().trim_end().to_owned()))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -261,63 +274,120 @@ impl ServiceSpec {
     /// Checks every field; the first problem is returned.
     pub fn validate(&self) -> Result<(), SpecError> {
         let n = self.name.as_bytes();
-        if n.is_empty() || n.len() > 40 || !n[0].is_ascii_lowercase() || !n.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-') {
-            return Err(invalid("name", format!("{:?} must be 1-40 characters of [a-z0-9-], starting with a letter", self.name)));
+        if n.is_empty()
+            || n.len() > 40
+            || !n[0].is_ascii_lowercase()
+            || !n
+                .iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        {
+            return Err(invalid(
+                "name",
+                format!(
+                    "{:?} must be 1-40 characters of [a-z0-9-], starting with a letter",
+                    self.name
+                ),
+            ));
         }
         if self.image.trim().is_empty() {
             return Err(invalid("image", "must name an image, e.g. hello:1.0.0"));
         }
         if self.replicas == 0 || self.replicas > 100 {
-            return Err(invalid("replicas", format!("{} must be between 1 and 100", self.replicas)));
+            return Err(invalid(
+                "replicas",
+                format!("{} must be between 1 and 100", self.replicas),
+            ));
         }
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || k == "PORT" {
-                return Err(invalid(format!("env.{k}"), "names must be non-empty, without '=', and not PORT (Slipway sets it)"));
+                return Err(invalid(
+                    format!("env.{k}"),
+                    "names must be non-empty, without '=', and not PORT (Slipway sets it)",
+                ));
             }
         }
-        if let Some(c) = self.cpus {
-            if !(c.is_finite() && (0.01..=1024.0).contains(&c)) {
-                return Err(invalid("cpus", format!("{c} must be between 0.01 and 1024")));
-            }
+        if let Some(c) = self.cpus
+            && !(c.is_finite() && (0.01..=1024.0).contains(&c))
+        {
+            return Err(invalid(
+                "cpus",
+                format!("{c} must be between 0.01 and 1024"),
+            ));
         }
-        for (name, p) in [("health.readiness", &self.health.readiness), ("health.liveness", &self.health.liveness), ("health.startup", &self.health.startup)] {
+        for (name, p) in [
+            ("health.readiness", &self.health.readiness),
+            ("health.liveness", &self.health.liveness),
+            ("health.startup", &self.health.startup),
+        ] {
             if let Some(p) = p {
-                let kinds = usize::from(p.http.is_some()) + usize::from(p.tcp) + usize::from(p.exec.is_some());
+                let kinds = usize::from(p.http.is_some())
+                    + usize::from(p.tcp)
+                    + usize::from(p.exec.is_some());
                 if kinds != 1 {
-                    return Err(invalid(name, "set exactly one of http = \"/path\", tcp = true, exec = [\"cmd\", …]"));
+                    return Err(invalid(
+                        name,
+                        "set exactly one of http = \"/path\", tcp = true, exec = [\"cmd\", …]",
+                    ));
                 }
                 if p.http.as_ref().is_some_and(|h| !h.starts_with('/')) {
-                    return Err(invalid(format!("{name}.http"), "must be a path starting with '/'"));
+                    return Err(invalid(
+                        format!("{name}.http"),
+                        "must be a path starting with '/'",
+                    ));
                 }
                 if p.exec.as_ref().is_some_and(Vec::is_empty) {
                     return Err(invalid(format!("{name}.exec"), "must not be empty"));
                 }
                 if p.interval.0.is_zero() || p.timeout.0.is_zero() {
-                    return Err(invalid(format!("{name}.interval"), "interval and timeout must be greater than zero"));
+                    return Err(invalid(
+                        format!("{name}.interval"),
+                        "interval and timeout must be greater than zero",
+                    ));
                 }
                 if p.success_threshold == 0 || p.failure_threshold == 0 {
-                    return Err(invalid(format!("{name}.failure_threshold"), "thresholds must be at least 1"));
+                    return Err(invalid(
+                        format!("{name}.failure_threshold"),
+                        "thresholds must be at least 1",
+                    ));
                 }
             }
         }
         match &self.strategy {
-            Strategy::Rolling { max_surge, max_unavailable } => {
+            Strategy::Rolling {
+                max_surge,
+                max_unavailable,
+            } => {
                 if *max_surge == 0 && *max_unavailable == 0 {
-                    return Err(invalid("strategy.max_surge", "max_surge and max_unavailable cannot both be 0: nothing could move"));
+                    return Err(invalid(
+                        "strategy.max_surge",
+                        "max_surge and max_unavailable cannot both be 0: nothing could move",
+                    ));
                 }
                 if *max_unavailable >= self.replicas && self.replicas > 0 && *max_surge == 0 {
-                    return Err(invalid("strategy.max_unavailable", "must be less than replicas"));
+                    return Err(invalid(
+                        "strategy.max_unavailable",
+                        "must be less than replicas",
+                    ));
                 }
             }
             Strategy::BlueGreen { .. } => {}
             Strategy::Canary { steps } => {
                 if steps.is_empty() {
-                    return Err(invalid("strategy.steps", "a canary needs at least one step, e.g. steps = [{ weight = 20, pause = \"30s\" }]"));
+                    return Err(invalid(
+                        "strategy.steps",
+                        "a canary needs at least one step, e.g. steps = [{ weight = 20, pause = \"30s\" }]",
+                    ));
                 }
                 let mut last = 0;
                 for (i, s) in steps.iter().enumerate() {
                     if s.weight <= last || s.weight > 100 {
-                        return Err(invalid(format!("strategy.steps[{i}].weight"), format!("{} must increase step by step and stay within 1-100", s.weight)));
+                        return Err(invalid(
+                            format!("strategy.steps[{i}].weight"),
+                            format!(
+                                "{} must increase step by step and stay within 1-100",
+                                s.weight
+                            ),
+                        ));
                     }
                     last = s.weight;
                 }
@@ -330,12 +400,20 @@ impl ServiceSpec {
             return Err(invalid("progress_deadline", "must be at least 1s"));
         }
         if !(0.0..=1.0).contains(&self.analysis.max_error_rate) {
-            return Err(invalid("analysis.max_error_rate", "must be a fraction between 0 and 1, e.g. 0.01"));
+            return Err(invalid(
+                "analysis.max_error_rate",
+                "must be a fraction between 0 and 1, e.g. 0.01",
+            ));
         }
         if let Some(t) = &self.trigger {
-            let kinds = usize::from(t.tag.is_some()) + usize::from(t.semver.is_some()) + usize::from(t.regex.is_some());
+            let kinds = usize::from(t.tag.is_some())
+                + usize::from(t.semver.is_some())
+                + usize::from(t.regex.is_some());
             if kinds != 1 {
-                return Err(invalid("trigger", "set exactly one of tag, semver or regex"));
+                return Err(invalid(
+                    "trigger",
+                    "set exactly one of tag, semver or regex",
+                ));
             }
         }
         Ok(())
@@ -372,23 +450,55 @@ semver = "^1"
         let s = ServiceSpec::from_toml(FULL).expect("valid");
         assert_eq!(s.replicas, 3);
         assert_eq!(s.drain_timeout, Dur(Duration::from_secs(30)));
-        assert!(matches!(&s.strategy, Strategy::Canary { steps } if steps[1].pause == Dur(Duration::from_secs(30))));
-        let minimal = ServiceSpec::from_toml("name = \"a\"\nimage = \"x:1\"\n[ingress]\nlisten = \"127.0.0.1:9000\"\n").expect("valid");
-        assert_eq!(minimal.strategy, Strategy::Rolling { max_surge: 1, max_unavailable: 0 });
+        assert!(
+            matches!(&s.strategy, Strategy::Canary { steps } if steps[1].pause == Dur(Duration::from_secs(30)))
+        );
+        let minimal = ServiceSpec::from_toml(
+            "name = \"a\"\nimage = \"x:1\"\n[ingress]\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            minimal.strategy,
+            Strategy::Rolling {
+                max_surge: 1,
+                max_unavailable: 0
+            }
+        );
     }
 
     #[test]
     fn bad_specs_name_the_field() {
         let cases = [
-            (FULL.replace("replicas = 3", "replicas = 3\nreplicaz = 1"), "unknown field `replicaz`"),
+            (
+                FULL.replace("replicas = 3", "replicas = 3\nreplicaz = 1"),
+                "unknown field `replicaz`",
+            ),
             (FULL.replace("\"200ms\"", "\"soon\""), "line"),
-            (FULL.replace("{ weight = 50 }", "{ weight = 5 }"), "strategy.steps[1].weight"),
-            (FULL.replace("{ weight = 50 }", "{ weight = 150 }"), "strategy.steps[1].weight"),
+            (
+                FULL.replace("{ weight = 50 }", "{ weight = 5 }"),
+                "strategy.steps[1].weight",
+            ),
+            (
+                FULL.replace("{ weight = 50 }", "{ weight = 150 }"),
+                "strategy.steps[1].weight",
+            ),
             (FULL.replace("name = \"web\"", "name = \"Web_1\""), "name:"),
-            (FULL.replace("http = \"/healthz\"", "http = \"/healthz\"\ntcp = true"), "health.readiness"),
-            (FULL.replace("semver = \"^1\"", "semver = \"^1\"\ntag = \"x\""), "trigger"),
-            (FULL.replace("max_error_rate = 0.05", "max_error_rate = 5.0"), "analysis.max_error_rate"),
-            (FULL.replace("listen = \"127.0.0.1:8080\"", "listen = \"nowhere\""), "listen"),
+            (
+                FULL.replace("http = \"/healthz\"", "http = \"/healthz\"\ntcp = true"),
+                "health.readiness",
+            ),
+            (
+                FULL.replace("semver = \"^1\"", "semver = \"^1\"\ntag = \"x\""),
+                "trigger",
+            ),
+            (
+                FULL.replace("max_error_rate = 0.05", "max_error_rate = 5.0"),
+                "analysis.max_error_rate",
+            ),
+            (
+                FULL.replace("listen = \"127.0.0.1:8080\"", "listen = \"nowhere\""),
+                "listen",
+            ),
         ];
         for (text, want) in cases {
             let e = ServiceSpec::from_toml(&text).expect_err(want).to_string();

@@ -51,7 +51,11 @@ pub struct Backend {
 impl Backend {
     /// A backend at `addr`.
     pub fn new(addr: SocketAddr) -> Arc<Self> {
-        Arc::new(Self { addr, in_flight: AtomicU64::new(0), draining: AtomicBool::new(false) })
+        Arc::new(Self {
+            addr,
+            in_flight: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        })
     }
 
     /// Requests (and open streams or upgrades) currently being served.
@@ -123,7 +127,11 @@ impl Drop for InFlight {
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{msg}\n"))).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r
 }
@@ -134,7 +142,9 @@ impl Proxy {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(http);
         Arc::new(Self {
             table: RwLock::new(Arc::new(RouteTable::default())),
             changed: watch::channel(0).0,
@@ -150,52 +160,92 @@ impl Proxy {
     /// caller, which waits for their in-flight count to reach zero.
     pub fn set_routes(&self, table: RouteTable) {
         {
-            let mut stats = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut stats = self
+                .stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for r in &table.revisions {
                 stats.entry(r.revision).or_default();
             }
         }
-        *self.table.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
         self.changed.send_modify(|v| *v += 1);
     }
 
     /// The current table.
     pub fn routes(&self) -> Arc<RouteTable> {
-        self.table.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Counters of one revision (created on first use).
     pub fn stats(&self, revision: u64) -> Arc<RevisionStats> {
-        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(revision).or_default().clone()
+        self.stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(revision)
+            .or_default()
+            .clone()
     }
 
     /// Counters of every revision seen.
     pub fn all_stats(&self) -> Vec<(u64, Stats)> {
-        let stats = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats = self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut v: Vec<_> = stats.iter().map(|(r, s)| (*r, s.snapshot())).collect();
         v.sort_by_key(|(r, _)| *r);
         v
     }
 
     fn pinned_revision(req: &Request<Incoming>) -> Option<u64> {
-        if let Some(v) = req.headers().get(REVISION_HEADER).and_then(|v| v.to_str().ok()) {
+        if let Some(v) = req
+            .headers()
+            .get(REVISION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
             return v.trim().parse().ok();
         }
-        req.headers().get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|c| c.split(';')).find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == REVISION_COOKIE).then(|| v.parse().ok())?
-        })
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|c| c.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == REVISION_COOKIE).then(|| v.parse().ok())?
+            })
     }
 
     /// Picks a backend, skipping `avoid`; `None` when nothing is available.
     fn pick(&self, pinned: Option<u64>, avoid: &[SocketAddr]) -> Option<(u64, Arc<Backend>)> {
         let table = self.routes();
-        let usable = |r: &RevisionRoute| r.backends.iter().any(|b| !b.is_draining() && !avoid.contains(&b.addr));
+        let usable = |r: &RevisionRoute| {
+            r.backends
+                .iter()
+                .any(|b| !b.is_draining() && !avoid.contains(&b.addr))
+        };
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let rev = match pinned.and_then(|p| table.revisions.iter().find(|r| r.revision == p && usable(r))) {
+        let rev = match pinned.and_then(|p| {
+            table
+                .revisions
+                .iter()
+                .find(|r| r.revision == p && usable(r))
+        }) {
             Some(r) => r,
             None => {
-                let total: u64 = table.revisions.iter().filter(|r| usable(r)).map(|r| u64::from(r.weight)).sum();
+                let total: u64 = table
+                    .revisions
+                    .iter()
+                    .filter(|r| usable(r))
+                    .map(|r| u64::from(r.weight))
+                    .sum();
                 if total == 0 {
                     table.revisions.iter().find(|r| usable(r))?
                 } else {
@@ -214,7 +264,11 @@ impl Proxy {
                 }
             }
         };
-        let candidates: Vec<&Arc<Backend>> = rev.backends.iter().filter(|b| !b.is_draining() && !avoid.contains(&b.addr)).collect();
+        let candidates: Vec<&Arc<Backend>> = rev
+            .backends
+            .iter()
+            .filter(|b| !b.is_draining() && !avoid.contains(&b.addr))
+            .collect();
         let b = match self.balance {
             Balance::RoundRobin => candidates[usize::try_from(n).unwrap_or(0) % candidates.len()],
             Balance::LeastRequests => candidates.iter().min_by_key(|b| b.in_flight())?,
@@ -242,7 +296,11 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
         let start = tokio::time::Instant::now();
         let pinned = Self::pinned_revision(&req);
         let Some((mut revision, mut backend)) = self.wait_for_backend(pinned).await else {
@@ -258,10 +316,10 @@ impl Proxy {
             h.insert("x-forwarded-for", v);
         }
         h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        if !h.contains_key("x-request-id") {
-            if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
-                h.insert("x-request-id", v);
-            }
+        if !h.contains_key("x-request-id")
+            && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        {
+            h.insert("x-request-id", v);
         }
         let upgrade = req.headers().contains_key(header::UPGRADE);
         if upgrade {
@@ -274,8 +332,19 @@ impl Proxy {
         loop {
             backend.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(backend.clone());
-            let mut out = Request::from_parts(parts.clone(), body.take().unwrap_or_else(|| Full::new(Bytes::new()).map_err(|never| match never {}).boxed()));
-            let uri = format!("http://{}{}", backend.addr, parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+            let mut out = Request::from_parts(
+                parts.clone(),
+                body.take().unwrap_or_else(|| {
+                    Full::new(Bytes::new())
+                        .map_err(|never| match never {})
+                        .boxed()
+                }),
+            );
+            let uri = format!(
+                "http://{}{}",
+                backend.addr,
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            );
             if let Ok(u) = uri.parse() {
                 *out.uri_mut() = u;
             }
@@ -286,7 +355,10 @@ impl Proxy {
                     let status = rparts.status;
                     stats.record(status.is_server_error(), start.elapsed());
                     // The in-flight guard lives as long as the response body streams.
-                    let body = GuardedBody { inner: rbody, _guard: guard };
+                    let body = GuardedBody {
+                        inner: rbody,
+                        _guard: guard,
+                    };
                     return Ok(Response::from_parts(rparts, body.boxed()));
                 }
                 Err(e) => {
@@ -294,12 +366,14 @@ impl Proxy {
                     tried.push(backend.addr);
                     let connect_failed = e.is_connect();
                     tracing::debug!(backend = %backend.addr, "proxy request failed: {e}");
-                    if retryable && connect_failed && tried.len() < 3 {
-                        if let Some((r, b)) = self.pick(pinned, &tried) {
-                            revision = r;
-                            backend = b;
-                            continue;
-                        }
+                    if retryable
+                        && connect_failed
+                        && tried.len() < 3
+                        && let Some((r, b)) = self.pick(pinned, &tried)
+                    {
+                        revision = r;
+                        backend = b;
+                        continue;
                     }
                     self.stats(revision).record(true, start.elapsed());
                     return Ok(text(StatusCode::BAD_GATEWAY, "backend failed"));
@@ -308,13 +382,30 @@ impl Proxy {
         }
     }
 
-    async fn upgrade(&self, mut req: Request<Incoming>, revision: u64, backend: Arc<Backend>, start: tokio::time::Instant) -> Response<Body> {
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        revision: u64,
+        backend: Arc<Backend>,
+        start: tokio::time::Instant,
+    ) -> Response<Body> {
         backend.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(backend.clone());
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _) = req.into_parts();
-        let mut out = Request::from_parts(parts.clone(), Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
-        if let Ok(u) = format!("http://{}{}", backend.addr, parts.uri.path_and_query().map_or("/", |p| p.as_str())).parse() {
+        let mut out = Request::from_parts(
+            parts.clone(),
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        if let Ok(u) = format!(
+            "http://{}{}",
+            backend.addr,
+            parts.uri.path_and_query().map_or("/", |p| p.as_str())
+        )
+        .parse()
+        {
             *out.uri_mut() = u;
         }
         let mut resp = match self.client.request(out).await {
@@ -324,7 +415,8 @@ impl Proxy {
                 return text(StatusCode::BAD_GATEWAY, "backend failed");
             }
         };
-        self.stats(revision).record(resp.status().is_server_error(), start.elapsed());
+        self.stats(revision)
+            .record(resp.status().is_server_error(), start.elapsed());
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -340,7 +432,11 @@ impl Proxy {
     }
 
     /// Serves on `listener` until `shutdown` fires.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         loop {
             let (stream, peer) = tokio::select! {

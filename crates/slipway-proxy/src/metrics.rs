@@ -4,7 +4,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Latency bucket upper bounds, in milliseconds.
-pub const BUCKETS_MS: [u64; 14] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, u64::MAX];
+pub const BUCKETS_MS: [u64; 14] = [
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
+    10_000,
+    u64::MAX,
+];
 
 /// Live counters of one revision.
 #[derive(Debug, Default)]
@@ -33,7 +48,10 @@ impl RevisionStats {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
-        let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS_MS.len() - 1);
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BUCKETS_MS.len() - 1);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -43,7 +61,11 @@ impl RevisionStats {
         for (i, b) in self.buckets.iter().enumerate() {
             buckets[i] = b.load(Ordering::Relaxed);
         }
-        Stats { requests: self.requests.load(Ordering::Relaxed), errors: self.errors.load(Ordering::Relaxed), buckets }
+        Stats {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            buckets,
+        }
     }
 }
 
@@ -54,7 +76,11 @@ impl Stats {
         for (i, b) in buckets.iter_mut().enumerate() {
             *b = self.buckets[i].saturating_sub(earlier.buckets[i]);
         }
-        Stats { requests: self.requests.saturating_sub(earlier.requests), errors: self.errors.saturating_sub(earlier.errors), buckets }
+        Stats {
+            requests: self.requests.saturating_sub(earlier.requests),
+            errors: self.errors.saturating_sub(earlier.errors),
+            buckets,
+        }
     }
 
     /// Error fraction (0 with no requests).
@@ -93,7 +119,10 @@ mod tests {
     fn error_rate_and_p99_come_from_the_counters() {
         let s = RevisionStats::default();
         for i in 0..100u64 {
-            s.record(i % 10 == 0, Duration::from_millis(if i == 99 { 400 } else { 3 }));
+            s.record(
+                i % 10 == 0,
+                Duration::from_millis(if i == 99 { 400 } else { 3 }),
+            );
         }
         let snap = s.snapshot();
         assert!((snap.error_rate() - 0.1).abs() < 1e-9);
