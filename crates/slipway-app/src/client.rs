@@ -80,6 +80,40 @@ impl AdminClient {
         Ok(json)
     }
 
+    /// Sends raw bytes (e.g. a TOML spec) and returns the JSON answer.
+    pub async fn call_raw(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(http::header::CONTENT_TYPE, "application/toml")
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = self.client.request(req).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach slipway at {}: {e}; is `slipway serve` running?",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let json: serde_json::Value =
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            anyhow::bail!(
+                "{}",
+                json["error"]["message"]
+                    .as_str()
+                    .map_or_else(|| status.to_string(), str::to_owned)
+            );
+        }
+        Ok(json)
+    }
+
     /// Streams a response body to `out` as it arrives (for `logs -f`).
     pub async fn stream_to(
         &self,

@@ -18,6 +18,7 @@ use crate::tasks;
 pub(crate) struct AppState {
     pub registry: Registry,
     pub runtime: Arc<slipway_runtime::Runtime>,
+    pub services: Arc<crate::services::Services>,
     pub metrics: Arc<AppMetrics>,
     pub gc: slipway_store::GcOptions,
 }
@@ -28,7 +29,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/v1/status", axum::routing::get(status))
         .route("/metrics", axum::routing::get(metrics))
         .with_state(state.clone())
-        .merge(crate::containers::router(state.runtime.clone()));
+        .merge(crate::containers::router(state.runtime.clone()))
+        .merge(crate::services::router(state.services.clone()));
     // The registry router is a catch-all: it serves /v2 and answers every other
     // unknown path with OCI error JSON.
     admin

@@ -14,6 +14,7 @@ mod containers;
 mod http;
 mod metrics;
 mod server;
+mod services;
 mod tasks;
 
 pub use server::serve;

@@ -74,7 +74,20 @@ pub async fn serve(
         Ok(n) => tracing::info!(containers = n, "recovered containers"),
         Err(e) => tracing::error!("cannot recover containers: {e}"),
     }
+    let services = crate::services::Services::new(
+        settings.data_dir.join("services"),
+        runtime.clone(),
+        store.clone(),
+        vec![
+            addr.to_string(),
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+        ],
+    );
+    services.recover().await;
+    tokio::spawn(services.clone().watch_registry(events.subscribe()));
     let state = AppState {
+        services: services.clone(),
         runtime: runtime.clone(),
         registry,
         metrics: metrics.clone(),
@@ -169,6 +182,7 @@ pub async fn serve(
     }
     while background.join_next().await.is_some() {}
     // Containers keep running; the next daemon re-adopts them.
+    services.shutdown().await;
     runtime.detach();
     tracing::info!("stopped");
     Ok(())

@@ -12,7 +12,7 @@
 
 mod rollout;
 
-pub use rollout::{Controller, Outcome};
+pub use rollout::{Controller, Outcome, Revision, RevisionStatus, ServiceState};
 
 use std::net::SocketAddr;
 use std::time::Duration;

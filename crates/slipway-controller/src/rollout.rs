@@ -800,6 +800,66 @@ impl Controller {
         }
     }
 
+    /// Converges after a daemon restart: a rollout that was interrupted is rolled
+    /// back, the active revision's live instances serve again, and the next
+    /// [`Controller::heal_once`] replaces the ones that are gone.
+    pub async fn recover(&mut self) {
+        let (active, insts, interrupted) = self.with_state(|s| {
+            let interrupted: Vec<u64> = s
+                .revisions
+                .iter()
+                .filter(|r| r.status == RevisionStatus::Progressing)
+                .map(|r| r.number)
+                .collect();
+            (s.active, s.instances.clone(), interrupted)
+        });
+        for n in &interrupted {
+            let status = if active.is_some() {
+                RevisionStatus::RolledBack
+            } else {
+                RevisionStatus::Failed
+            };
+            self.set_status(
+                *n,
+                status,
+                Some("the daemon restarted during the rollout".into()),
+            );
+        }
+        let mut live = Vec::new();
+        let mut stray = Vec::new();
+        for i in insts {
+            if Some(i.revision) == active && self.instances.alive(&i).await {
+                live.push(i);
+            } else {
+                stray.push(i);
+            }
+        }
+        if let Some(a) = active {
+            self.publish(&[(a, 100, live.clone())]);
+        }
+        let spec = self.with_state(|s| s.revisions.last().map(|r| r.spec.clone()));
+        if let Some(spec) = spec {
+            self.drain_and_stop(&stray, &spec).await;
+        }
+        if let Some(a) = active {
+            let want = self.with_state(|s| {
+                s.revisions
+                    .iter()
+                    .find(|r| r.number == a)
+                    .map_or(0, |r| r.spec.replicas as usize)
+            });
+            if live.len() < want
+                && let Err(e) = self.scale(u32::try_from(want).unwrap_or(1)).await
+            {
+                self.event(Some(a), format!("could not restore {want} instances: {e}"));
+            }
+            self.event(
+                Some(a),
+                format!("recovered revision {a} with {} live instances", live.len()),
+            );
+        }
+    }
+
     /// Stops every instance (the service is being removed).
     pub async fn remove(&mut self) {
         self.publish(&[]);

@@ -131,6 +131,21 @@ impl Runc {
         }
     }
 
+    /// Runs `argv` inside the container; returns its exit status (for exec probes).
+    pub async fn exec(&self, id: &str, argv: &[String]) -> Result<i32, RuncError> {
+        let out = self
+            .cmd()
+            .arg("exec")
+            .arg(id)
+            .args(argv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .map_err(|e| RuncError::Spawn(self.binary.display().to_string(), e))?;
+        Ok(out.code().unwrap_or(-1))
+    }
+
     /// The container's status (`running`, `stopped`, `created`, …), or `None` when
     /// the runtime does not know it.
     pub async fn state(&self, id: &str) -> Option<(String, u32)> {

@@ -709,6 +709,12 @@ impl Runtime {
         Ok(())
     }
 
+    /// Runs a command inside a running container; returns its exit status.
+    pub async fn exec(&self, name: &str, argv: &[String]) -> Result<i32, RuntimeError> {
+        let id = lock(&self.get(name)?.info).id.clone();
+        Ok(self.runc()?.exec(&id, argv).await?)
+    }
+
     /// The container's log file.
     pub fn log_path(&self, name: &str) -> Result<PathBuf, RuntimeError> {
         self.get(name)?;

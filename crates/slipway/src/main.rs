@@ -65,9 +65,10 @@ enum Command {
         #[arg(long, short = 't')]
         time: Option<u64>,
     },
-    /// Remove a container and everything it left behind (volumes stay).
+    /// Remove a service (all its instances and its ingress), or else a container and
+    /// everything it left behind (volumes stay).
     Rm {
-        /// Container name.
+        /// Service or container name.
         name: String,
         /// Stop it first if it is running.
         #[arg(long, short = 'f')]
@@ -78,6 +79,51 @@ enum Command {
         /// Container name.
         name: String,
         /// Keep following until the container is done.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Create or update a service from a TOML spec and follow the rollout (exit 0 when
+    /// live, 2 when rolled back, 1 when failed).
+    Deploy {
+        /// The service spec.
+        file: PathBuf,
+        /// Return once the rollout has started.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Show services, their revisions, instances, weights and traffic.
+    Status {
+        /// One service (default: all).
+        service: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a service's revisions.
+    History {
+        /// Service name.
+        service: String,
+    },
+    /// Go back to the previous (or a given) revision.
+    Rollback {
+        /// Service name.
+        service: String,
+        /// Revision number.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Change a service's number of instances without downtime.
+    Scale {
+        /// Service name.
+        service: String,
+        /// Instances.
+        replicas: u32,
+    },
+    /// List services.
+    Services,
+    /// Show what happened (rollouts, failures, rollbacks).
+    Events {
+        /// Keep following.
         #[arg(long, short = 'f')]
         follow: bool,
     },
@@ -169,7 +215,29 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => return commands::containers::run(&client()?, args).await,
         Command::Ps { json } => commands::containers::ps(&client()?, json).await?,
         Command::Stop { name, time } => commands::containers::stop(&client()?, &name, time).await?,
-        Command::Rm { name, force } => commands::containers::rm(&client()?, &name, force).await?,
+        Command::Rm { name, force } => {
+            let c = client()?;
+            if commands::services::exists(&c, &name).await {
+                commands::services::remove(&c, &name).await?;
+            } else {
+                commands::containers::rm(&c, &name, force).await?;
+            }
+        }
+        Command::Deploy { file, detach } => {
+            return commands::services::deploy(&client()?, &file, detach).await;
+        }
+        Command::Status { service, json } => {
+            commands::services::status(&client()?, service.as_deref(), json).await?
+        }
+        Command::History { service } => commands::services::history(&client()?, &service).await?,
+        Command::Rollback { service, to } => {
+            return commands::services::rollback(&client()?, &service, to).await;
+        }
+        Command::Scale { service, replicas } => {
+            commands::services::scale(&client()?, &service, replicas).await?
+        }
+        Command::Services => commands::services::services(&client()?).await?,
+        Command::Events { follow } => commands::services::events(&client()?, follow).await?,
         Command::Logs { name, follow } => {
             commands::containers::logs(&client()?, &name, follow).await?
         }
