@@ -200,7 +200,7 @@ impl Traffic for ProxyTraffic {
 struct Service {
     controller: Arc<tokio::sync::Mutex<Controller>>,
     state: Arc<Mutex<ServiceState>>,
-    spec: Mutex<ServiceSpec>,
+    spec: Arc<Mutex<ServiceSpec>>,
     proxy: Arc<Proxy>,
     stop_proxy: watch::Sender<bool>,
     /// The outcome of the last deploy, for `slipway deploy` to wait on.
@@ -262,16 +262,9 @@ impl Services {
         let Some(svc) = lock(&self.map).get(name).cloned() else {
             return;
         };
-        let state = lock(&svc.state).clone();
-        let spec = lock(&svc.spec).clone();
-        let doc = serde_json::json!({ "spec": spec, "state": state });
-        let path = self.dir.join(format!("{name}.json"));
-        let tmp = self.dir.join(format!("{name}.json.tmp"));
-        if serde_json::to_vec_pretty(&doc).ok().is_none_or(|b| {
-            std::fs::write(&tmp, b).is_err() || std::fs::rename(&tmp, &path).is_err()
-        }) {
-            tracing::error!(service = name, "cannot persist service state");
-        }
+        // Under the state lock, like the controller's own writes, so they stay ordered.
+        let state = lock(&svc.state);
+        write_state(&self.dir, &lock(&svc.spec), &state);
     }
 
     /// Pins `image` to a digest when it lives in the embedded store.
@@ -318,6 +311,8 @@ impl Services {
             proxy: proxy.clone(),
             backends: Mutex::default(),
         });
+        let spec_cell = Arc::new(Mutex::new(spec.clone()));
+        let (dir, cell) = (self.dir.clone(), spec_cell.clone());
         let ctl = Controller::new(
             state,
             Arc::new(RuntimeInstances {
@@ -328,11 +323,14 @@ impl Services {
             }),
             traffic,
             self.events.clone(),
-        );
+        )
+        .with_persist(Arc::new(move |state: &ServiceState| {
+            write_state(&dir, &lock(&cell), state);
+        }));
         let svc = Arc::new(Service {
             state: ctl.state(),
             controller: Arc::new(tokio::sync::Mutex::new(ctl)),
-            spec: Mutex::new(spec.clone()),
+            spec: spec_cell,
             proxy,
             stop_proxy,
             last_outcome: Mutex::default(),
@@ -406,7 +404,6 @@ impl Services {
             *lock(&svc2.last_outcome) = Some((number, outcome));
             me.persist(&name);
         });
-        self.persist(&svc.state.lock().map(|s| s.name.clone()).unwrap_or_default());
         Ok((
             svc.state.lock().map(|s| s.name.clone()).unwrap_or_default(),
             number,
@@ -469,6 +466,21 @@ impl Services {
             };
             match self.create(&spec, state).await {
                 Ok(svc) => {
+                    // Containers of this service that its state does not know were being
+                    // started when the daemon died: remove them first.
+                    let known: Vec<String> = lock(&svc.state)
+                        .instances
+                        .iter()
+                        .map(|i| i.id.clone())
+                        .collect();
+                    for c in self.runtime.list() {
+                        if c.spec.labels.get("slipway.service") == Some(&spec.name)
+                            && !known.contains(&c.name)
+                        {
+                            tracing::info!(container = %c.name, "removing an instance left by an interrupted rollout");
+                            let _ = self.runtime.remove(&c.name, true).await;
+                        }
+                    }
                     svc.controller.lock().await.recover().await;
                     self.persist(&spec.name);
                 }
@@ -546,6 +558,19 @@ impl Services {
         for svc in lock(&self.map).values() {
             svc.stop_proxy.send_replace(true);
         }
+    }
+}
+
+/// Writes `<dir>/<name>.json` atomically (temp file, then rename).
+fn write_state(dir: &std::path::Path, spec: &ServiceSpec, state: &ServiceState) {
+    let doc = serde_json::json!({ "spec": spec, "state": state });
+    let path = dir.join(format!("{}.json", state.name));
+    let tmp = dir.join(format!("{}.json.tmp", state.name));
+    let written = serde_json::to_vec_pretty(&doc)
+        .ok()
+        .is_some_and(|b| std::fs::write(&tmp, b).is_ok() && std::fs::rename(&tmp, &path).is_ok());
+    if !written {
+        tracing::error!(service = %state.name, "cannot persist service state");
     }
 }
 

@@ -82,7 +82,11 @@ pub struct Controller {
     events: broadcast::Sender<Event>,
     state: Arc<Mutex<ServiceState>>,
     liveness_failures: HashMap<String, u32>,
+    persist: Option<Persist>,
 }
+
+/// Called with the state after every change, so a crash mid-rollout loses nothing.
+pub type Persist = Arc<dyn Fn(&ServiceState) + Send + Sync>;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -121,6 +125,7 @@ impl Controller {
             events,
             state: Arc::new(Mutex::new(state)),
             liveness_failures: HashMap::new(),
+            persist: None,
         }
     }
 
@@ -136,16 +141,29 @@ impl Controller {
         }
     }
 
+    /// Persists the state after every change.
+    #[must_use]
+    pub fn with_persist(mut self, persist: Persist) -> Self {
+        self.persist = Some(persist);
+        self
+    }
+
     /// Shared handle on the state, for status readers.
     pub fn state(&self) -> Arc<Mutex<ServiceState>> {
         self.state.clone()
     }
 
     fn with_state<T>(&self, f: impl FnOnce(&mut ServiceState) -> T) -> T {
-        f(&mut self
+        let mut s = self
             .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = f(&mut s);
+        // Persisted under the lock, so snapshots reach the disk in order.
+        if let Some(p) = &self.persist {
+            p(&s);
+        }
+        out
     }
 
     fn event(&self, revision: Option<u64>, message: impl Into<String>) {
