@@ -55,10 +55,11 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(
+    let mut text = state.metrics.render(
         state.registry.metrics(),
         state.registry.store().stored_bytes(),
     );
+    state.services.render_metrics(&mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

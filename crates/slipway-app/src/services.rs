@@ -554,6 +554,58 @@ impl Services {
         }
     }
 
+    /// Appends per-service, per-revision proxy metrics in Prometheus text form.
+    pub(crate) fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let services: Vec<(String, Arc<Service>)> = lock(&self.map)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.push_str("# HELP slipway_proxy_requests_total Requests through a service's proxy, by revision.\n# TYPE slipway_proxy_requests_total counter\n");
+        for (name, svc) in &services {
+            for (rev, st) in svc.proxy.all_stats() {
+                let _ = writeln!(
+                    out,
+                    "slipway_proxy_requests_total{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                    st.requests
+                );
+            }
+        }
+        out.push_str("# HELP slipway_proxy_errors_total 5xx answers and failed requests, by revision.\n# TYPE slipway_proxy_errors_total counter\n");
+        for (name, svc) in &services {
+            for (rev, st) in svc.proxy.all_stats() {
+                let _ = writeln!(
+                    out,
+                    "slipway_proxy_errors_total{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                    st.errors
+                );
+            }
+        }
+        out.push_str("# HELP slipway_proxy_request_duration_seconds Latency through the proxy, by revision.\n# TYPE slipway_proxy_request_duration_seconds histogram\n");
+        for (name, svc) in &services {
+            for (rev, st) in svc.proxy.all_stats() {
+                let mut cumulative = 0;
+                for (i, le) in slipway_proxy::BUCKETS_MS.iter().enumerate() {
+                    cumulative += st.buckets[i];
+                    let le = if *le == u64::MAX {
+                        "+Inf".to_owned()
+                    } else {
+                        format!("{}", *le as f64 / 1000.0)
+                    };
+                    let _ = writeln!(
+                        out,
+                        "slipway_proxy_request_duration_seconds_bucket{{service=\"{name}\",revision=\"{rev}\",le=\"{le}\"}} {cumulative}"
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "slipway_proxy_request_duration_seconds_count{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                    st.requests
+                );
+            }
+        }
+    }
+
     pub(crate) async fn shutdown(&self) {
         for svc in lock(&self.map).values() {
             svc.stop_proxy.send_replace(true);

@@ -18,7 +18,7 @@
 
 mod metrics;
 
-pub use metrics::{RevisionStats, Stats};
+pub use metrics::{BUCKETS_MS, RevisionStats, Stats};
 
 use std::collections::HashMap;
 use std::convert::Infallible;

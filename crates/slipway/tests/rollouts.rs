@@ -1,7 +1,10 @@
 //! Zero-downtime rollouts through the built-in proxy, with real runc and hello,
 //! under continuous load.
 
-#![expect(clippy::print_stderr, reason = "failed requests are reported for diagnosis")]
+#![expect(
+    clippy::print_stderr,
+    reason = "failed requests are reported for diagnosis"
+)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -1,0 +1,237 @@
+//! The proxy against small real HTTP backends on loopback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use slipway_proxy::{Backend, Balance, Proxy, RevisionRoute, RouteTable};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend answering `GET /` with its name and echoing the forwarding headers;
+/// `/slow` waits 300 ms.
+async fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut first = String::new();
+                    if r.read_line(&mut first).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut headers = String::new();
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        let lower = h.to_ascii_lowercase();
+                        if lower.starts_with("x-forwarded-for")
+                            || lower.starts_with("x-request-id")
+                            || lower.starts_with("x-forwarded-proto")
+                        {
+                            headers.push_str(h.trim());
+                            headers.push(';');
+                        }
+                    }
+                    if first.contains("/slow") {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let body = format!("{name}|{headers}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if r.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn start(hold: Duration) -> (Arc<Proxy>, SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let proxy = Proxy::new(hold, Balance::RoundRobin);
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(proxy.clone().serve(l, rx));
+    (proxy, addr, tx)
+}
+
+async fn get(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+fn table(revs: &[(u64, u32, &[Arc<Backend>])]) -> RouteTable {
+    RouteTable {
+        revisions: revs
+            .iter()
+            .map(|(r, w, b)| RevisionRoute {
+                revision: *r,
+                weight: *w,
+                backends: b.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn weights_split_traffic_and_the_revision_header_pins_it() {
+    let (a, b) = (
+        Backend::new(backend("a").await),
+        Backend::new(backend("b").await),
+    );
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[
+        (1, 80, std::slice::from_ref(&a)),
+        (2, 20, std::slice::from_ref(&b)),
+    ]));
+    let mut counts = [0u32; 2];
+    for _ in 0..400 {
+        let (code, body) = get(addr, "/", "").await;
+        assert_eq!(code, 200);
+        counts[usize::from(body.starts_with('b'))] += 1;
+    }
+    assert!(
+        (60..=100).contains(&counts[1]),
+        "20% weight gave {counts:?}"
+    );
+    for _ in 0..20 {
+        assert!(
+            get(addr, "/", "X-Slipway-Revision: 2\r\n")
+                .await
+                .1
+                .starts_with('b')
+        );
+        assert!(
+            get(addr, "/", "Cookie: theme=dark; slipway-revision=1\r\n")
+                .await
+                .1
+                .starts_with('a')
+        );
+    }
+    assert_eq!(
+        proxy.stats(1).snapshot().requests + proxy.stats(2).snapshot().requests,
+        440
+    );
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set() {
+    let a = Backend::new(backend("a").await);
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, &[a])]));
+    let (_, body) = get(
+        addr,
+        "/",
+        "X-Forwarded-For: 10.0.0.9\r\nX-Request-Id: keep-me\r\n",
+    )
+    .await;
+    assert!(
+        body.contains("x-forwarded-for: 10.0.0.9, 127.0.0.1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("x-forwarded-proto: http") && body.contains("x-request-id: keep-me"),
+        "{body}"
+    );
+    let (_, body) = get(addr, "/", "").await;
+    assert!(
+        body.to_ascii_lowercase().contains("x-request-id: "),
+        "a request id is generated: {body}"
+    );
+}
+
+#[tokio::test]
+async fn draining_backends_get_no_new_requests_and_count_in_flight() {
+    let (a, b) = (
+        Backend::new(backend("a").await),
+        Backend::new(backend("b").await),
+    );
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, &[a.clone(), b.clone()])]));
+    // A slow request lands on one of them; it stays in flight while that one drains.
+    let slow = tokio::spawn(async move { get(addr, "/slow", "").await });
+    let busy = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if a.in_flight() + b.in_flight() == 1 {
+                return if a.in_flight() == 1 {
+                    a.clone()
+                } else {
+                    b.clone()
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("in flight");
+    busy.drain();
+    let other = if Arc::ptr_eq(&busy, &a) { "b" } else { "a" };
+    for _ in 0..10 {
+        assert!(get(addr, "/", "").await.1.starts_with(other));
+    }
+    assert_eq!(
+        slow.await.expect("join").0,
+        200,
+        "the draining backend finished its request"
+    );
+    assert_eq!(busy.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn get_is_retried_on_another_backend_after_a_connect_failure() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let a = Backend::new(backend("a").await);
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, &[Backend::new(dead), a])]));
+    for _ in 0..10 {
+        let (code, body) = get(addr, "/", "").await;
+        assert_eq!((code, body.starts_with('a')), (200, true));
+    }
+}
+
+#[tokio::test]
+async fn requests_wait_for_a_backend_then_fail_with_503_after_the_hold() {
+    let (proxy, addr, _stop) = start(Duration::from_millis(600)).await;
+    let waiting = tokio::spawn(async move { get(addr, "/", "").await });
+    // The backend shows up while the request is held (or just before it arrives).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.set_routes(table(&[(1, 100, &[Backend::new(backend("late").await)])]));
+    let (code, body) = waiting.await.expect("join");
+    assert_eq!(code, 200);
+    assert!(body.starts_with("late"), "{body}");
+
+    proxy.set_routes(RouteTable::default());
+    let t0 = std::time::Instant::now();
+    let (code, _) = get(addr, "/", "").await;
+    assert_eq!(code, 503);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(550),
+        "held for the hold timeout first"
+    );
+}
