@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +44,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Backend {
     /// Where it listens.
     pub addr: SocketAddr,
+    authority: http::uri::Authority,
     in_flight: AtomicU64,
     draining: AtomicBool,
 }
@@ -51,8 +52,13 @@ pub struct Backend {
 impl Backend {
     /// A backend at `addr`.
     pub fn new(addr: SocketAddr) -> Arc<Self> {
+        let authority = addr
+            .to_string()
+            .parse()
+            .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
         Arc::new(Self {
             addr,
+            authority,
             in_flight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         })
@@ -110,7 +116,10 @@ pub struct Proxy {
     client: Client<HttpConnector, Body>,
     hold: Duration,
     balance: Balance,
-    stats: Mutex<HashMap<u64, Arc<RevisionStats>>>,
+    stats: RwLock<HashMap<u64, Arc<RevisionStats>>>,
+    /// Request ids are `<boot>-<counter>`: unique per process run, no syscall.
+    boot: u64,
+    ids: AtomicU64,
 }
 
 /// Header that pins a request to a revision (previews, A/B tests).
@@ -124,6 +133,19 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The request's URI re-aimed at `backend`, keeping path and query.
+fn backend_uri(backend: &Backend, uri: &http::Uri) -> http::Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(backend.authority.clone());
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    http::Uri::from_parts(parts).unwrap_or_default()
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
@@ -152,7 +174,13 @@ impl Proxy {
             client,
             hold,
             balance,
-            stats: Mutex::default(),
+            stats: RwLock::default(),
+            boot: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| {
+                    u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
+                }),
+            ids: AtomicU64::new(0),
         })
     }
 
@@ -162,7 +190,7 @@ impl Proxy {
         {
             let mut stats = self
                 .stats
-                .lock()
+                .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for r in &table.revisions {
                 stats.entry(r.revision).or_default();
@@ -185,8 +213,16 @@ impl Proxy {
 
     /// Counters of one revision (created on first use).
     pub fn stats(&self, revision: u64) -> Arc<RevisionStats> {
+        if let Some(s) = self
+            .stats
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&revision)
+        {
+            return s.clone();
+        }
         self.stats
-            .lock()
+            .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(revision)
             .or_default()
@@ -197,7 +233,7 @@ impl Proxy {
     pub fn all_stats(&self) -> Vec<(u64, Stats)> {
         let stats = self
             .stats
-            .lock()
+            .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut v: Vec<_> = stats.iter().map(|(r, s)| (*r, s.snapshot())).collect();
         v.sort_by_key(|(r, _)| *r);
@@ -317,7 +353,11 @@ impl Proxy {
         }
         h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         if !h.contains_key("x-request-id")
-            && let Ok(v) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            && let Ok(v) = HeaderValue::from_str(&format!(
+                "{:x}-{:x}",
+                self.boot,
+                self.ids.fetch_add(1, Ordering::Relaxed)
+            ))
         {
             h.insert("x-request-id", v);
         }
@@ -340,14 +380,7 @@ impl Proxy {
                         .boxed()
                 }),
             );
-            let uri = format!(
-                "http://{}{}",
-                backend.addr,
-                parts.uri.path_and_query().map_or("/", |p| p.as_str())
-            );
-            if let Ok(u) = uri.parse() {
-                *out.uri_mut() = u;
-            }
+            *out.uri_mut() = backend_uri(&backend, &parts.uri);
             match self.client.request(out).await {
                 Ok(resp) => {
                     let stats = self.stats(revision);
