@@ -199,6 +199,7 @@ impl Traffic for ProxyTraffic {
 
 struct Service {
     controller: Arc<tokio::sync::Mutex<Controller>>,
+    control: Arc<slipway_controller::Control>,
     state: Arc<Mutex<ServiceState>>,
     spec: Arc<Mutex<ServiceSpec>>,
     proxy: Arc<Proxy>,
@@ -328,6 +329,7 @@ impl Services {
             write_state(&dir, &lock(&cell), state);
         }));
         let svc = Arc::new(Service {
+            control: ctl.control(),
             state: ctl.state(),
             controller: Arc::new(tokio::sync::Mutex::new(ctl)),
             spec: spec_cell,
@@ -671,6 +673,10 @@ pub(crate) fn router(services: Arc<Services>) -> Router {
             axum::routing::post(rollback),
         )
         .route("/api/v1/services/{name}/scale", axum::routing::post(scale))
+        .route(
+            "/api/v1/services/{name}/{verb}",
+            axum::routing::post(control),
+        )
         .route("/api/v1/events", axum::routing::get(events))
         .with_state(services)
 }
@@ -737,6 +743,33 @@ async fn rollback(
     drop(ctl);
     s.persist(&name);
     Ok(axum::Json(serde_json::json!({"result": outcome})).into_response())
+}
+
+/// `promote`, `abort`, `pause` or `resume` the rollout in progress.
+async fn control(
+    State(s): State<Arc<Services>>,
+    Path((name, verb)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let svc = s.get(&name)?;
+    if svc.controller.try_lock().is_ok() {
+        return Err(ApiError(
+            ErrorKind::FailedPrecondition,
+            format!("{name}: no rollout is in progress"),
+        ));
+    }
+    match verb.as_str() {
+        "promote" => svc.control.promote(),
+        "abort" => svc.control.abort(),
+        "pause" => svc.control.pause(),
+        "resume" => svc.control.resume(),
+        other => {
+            return Err(ApiError(
+                ErrorKind::NotFound,
+                format!("unknown action {other:?}: use promote, abort, pause or resume"),
+            ));
+        }
+    }
+    Ok(axum::Json(serde_json::json!({"service": name, "action": verb})).into_response())
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@
 
 mod rollout;
 
-pub use rollout::{Controller, Outcome, Revision, RevisionStatus, ServiceState};
+pub use rollout::{Control, Controller, Outcome, Revision, RevisionStatus, ServiceState};
 
 use std::net::SocketAddr;
 use std::time::Duration;

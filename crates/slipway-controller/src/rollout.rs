@@ -83,6 +83,54 @@ pub struct Controller {
     state: Arc<Mutex<ServiceState>>,
     liveness_failures: HashMap<String, u32>,
     persist: Option<Persist>,
+    control: Arc<Control>,
+}
+
+/// Manual control of a rollout in progress (`slipway pause | resume | promote |
+/// abort`). It is shared outside the controller's lock, since a rollout holds it.
+#[derive(Debug, Default)]
+pub struct Control {
+    paused: std::sync::atomic::AtomicBool,
+    /// Milliseconds spent paused in this rollout: the progress deadline stops too.
+    paused_ms: std::sync::atomic::AtomicU64,
+    promote: std::sync::atomic::AtomicBool,
+    abort: std::sync::atomic::AtomicBool,
+}
+
+impl Control {
+    /// Holds the rollout at its next step (a canary's pause stops counting).
+    pub fn pause(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets a paused rollout go on.
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Skips the remaining steps and holds: the new revision takes all traffic.
+    pub fn promote(&self) {
+        self.promote
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.resume();
+    }
+
+    /// Rolls the rollout back now.
+    pub fn abort(&self) {
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn reset(&self) {
+        for f in [&self.paused, &self.promote, &self.abort] {
+            f.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.paused_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Called with the state after every change, so a crash mid-rollout loses nothing.
@@ -126,6 +174,7 @@ impl Controller {
             state: Arc::new(Mutex::new(state)),
             liveness_failures: HashMap::new(),
             persist: None,
+            control: Arc::default(),
         }
     }
 
@@ -146,6 +195,50 @@ impl Controller {
     pub fn with_persist(mut self, persist: Persist) -> Self {
         self.persist = Some(persist);
         self
+    }
+
+    /// The rollout's manual controls.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Whether the progress deadline has passed, not counting time spent paused.
+    fn past(&self, deadline: Instant) -> bool {
+        let paused = Duration::from_millis(
+            self.control
+                .paused_ms
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
+        Instant::now() >= deadline + paused
+    }
+
+    fn add_paused(&self, d: Duration) {
+        self.control.paused_ms.fetch_add(
+            u64::try_from(d.as_millis()).unwrap_or(0),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Waits while paused; fails when aborted.
+    async fn checkpoint(&self, revision: u64) -> Result<(), String> {
+        let mut announced = false;
+        loop {
+            if Control::is(&self.control.abort) {
+                return Err("aborted by the user".into());
+            }
+            if !Control::is(&self.control.paused) {
+                return Ok(());
+            }
+            if !announced {
+                self.event(
+                    Some(revision),
+                    format!("rollout of revision {revision} paused"),
+                );
+                announced = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.add_paused(Duration::from_millis(100));
+        }
     }
 
     /// Shared handle on the state, for status readers.
@@ -220,7 +313,7 @@ impl Controller {
         for probe in probes {
             let mut passes = 0;
             loop {
-                if Instant::now() >= deadline {
+                if self.past(deadline) {
                     return Err(format!(
                         "instance {} never became ready before the progress deadline",
                         inst.id
@@ -339,7 +432,7 @@ impl Controller {
         new: &[Instance],
         pause: Duration,
     ) -> Result<(), String> {
-        let end = Instant::now() + pause;
+        let mut end = Instant::now() + pause;
         loop {
             self.analyse(revision, spec)?;
             for i in new {
@@ -347,10 +440,19 @@ impl Controller {
                     return Err(format!("instance {} of revision {revision} crashed", i.id));
                 }
             }
-            if Instant::now() >= end {
+            if Control::is(&self.control.abort) {
+                return Err("aborted by the user".into());
+            }
+            if Control::is(&self.control.promote) || Instant::now() >= end {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(200).min(end - Instant::now())).await;
+            let tick = Duration::from_millis(200).min(end - Instant::now());
+            tokio::time::sleep(tick).await;
+            if Control::is(&self.control.paused) {
+                // A paused hold does not count down, nor does the progress deadline.
+                end += tick;
+                self.add_paused(tick);
+            }
         }
     }
 
@@ -367,6 +469,7 @@ impl Controller {
                 created_ms: now_ms(),
             });
         });
+        self.control.reset();
         self.event(Some(number), format!("revision {number} started ({image})"));
         let active = self.with_state(|s| s.active);
         let deadline = Instant::now() + spec.progress_deadline.0;
@@ -528,7 +631,8 @@ impl Controller {
         let max_total = replicas + max_surge as usize;
         let min_available = replicas.saturating_sub(max_unavailable as usize);
         while ctx.new.len() < replicas {
-            if Instant::now() >= deadline {
+            self.checkpoint(number).await?;
+            if self.past(deadline) {
                 return Err("progress deadline exceeded".into());
             }
             let total = ctx.old.len() + ctx.new.len();
@@ -606,7 +710,15 @@ impl Controller {
     ) -> Result<(), String> {
         let replicas = spec.replicas;
         for (i, (weight, pause)) in steps.iter().enumerate() {
-            if Instant::now() >= deadline {
+            self.checkpoint(number).await?;
+            if Control::is(&self.control.promote) {
+                self.event(
+                    Some(number),
+                    format!("revision {number} promoted by the user"),
+                );
+                break;
+            }
+            if self.past(deadline) {
                 return Err("progress deadline exceeded".into());
             }
             let want = (replicas * weight).div_ceil(100).clamp(1, replicas) as usize;

@@ -119,6 +119,26 @@ enum Command {
         /// Instances.
         replicas: u32,
     },
+    /// Skip a rollout's remaining steps and holds: the new revision takes all traffic.
+    Promote {
+        /// Service name.
+        service: String,
+    },
+    /// Roll the rollout in progress back now.
+    Abort {
+        /// Service name.
+        service: String,
+    },
+    /// Hold the rollout in progress at its next step.
+    Pause {
+        /// Service name.
+        service: String,
+    },
+    /// Let a paused rollout go on.
+    Resume {
+        /// Service name.
+        service: String,
+    },
     /// List services.
     Services,
     /// Show what happened (rollouts, failures, rollbacks).
@@ -237,6 +257,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             commands::services::scale(&client()?, &service, replicas).await?
         }
         Command::Services => commands::services::services(&client()?).await?,
+        Command::Promote { service } => {
+            commands::services::control(&client()?, &service, "promote").await?
+        }
+        Command::Abort { service } => {
+            commands::services::control(&client()?, &service, "abort").await?
+        }
+        Command::Pause { service } => {
+            commands::services::control(&client()?, &service, "pause").await?
+        }
+        Command::Resume { service } => {
+            commands::services::control(&client()?, &service, "resume").await?
+        }
         Command::Events { follow } => commands::services::events(&client()?, follow).await?,
         Command::Logs { name, follow } => {
             commands::containers::logs(&client()?, &name, follow).await?

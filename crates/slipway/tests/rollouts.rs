@@ -483,3 +483,49 @@ fn invalid_specs_are_refused_before_anything_changes() {
     assert_eq!(s.get("/api/v1/services").json(), serde_json::json!([]));
     assert_eq!(s.get("/api/v1/containers").json(), serde_json::json!([]));
 }
+
+#[test]
+fn a_canary_held_for_an_hour_is_promoted_by_hand() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    pack_hello(&s, "hello:2", "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let canary = "[strategy]\ntype = \"canary\"\nsteps = [{ weight = 50, pause = \"1h\" }]\n";
+    let sp = spec(port, "hello:1", canary)
+        .replace("progress_deadline = \"20s\"", "progress_deadline = \"2h\"");
+    assert_eq!(deploy(&s, &write_spec(dir.path(), &sp)).0, 0);
+    let (code, _, err) = cli(BIN, &s, &["promote", "web"]);
+    assert!(
+        code != 0 && err.contains("no rollout is in progress"),
+        "{err}"
+    );
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "deploy",
+            "--detach",
+            &write_spec(dir.path(), &sp.replace("hello:1", "hello:2")),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    poll(Duration::from_secs(20), || {
+        let st = s.get("/api/v1/services/web").json();
+        st["weights"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|x| x[0] == 2 && x[1] == 50))
+            .then_some(())
+    })
+    .expect("the canary reached 50%");
+    let (code, _, err) = cli(BIN, &s, &["pause", "web"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(cli(BIN, &s, &["resume", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["promote", "web"]).0, 0);
+    poll(Duration::from_secs(20), || {
+        (s.get("/api/v1/services/web").json()["active"] == 2).then_some(())
+    })
+    .expect("promoted");
+    assert!(serving(port).starts_with("hello 2"));
+    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+}

@@ -334,3 +334,63 @@ async fn rollback_redeploys_the_previous_revision() {
     assert_eq!(st.active, Some(3));
     assert_eq!(st.revisions[2].image, "hello@v1");
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_paused_canary_waits_and_promote_skips_the_remaining_steps() {
+    let mut h = harness();
+    // The deadline (30 s) only counts unpaused time: the 60 s pause does not trip it.
+    let s = spec(
+        "[strategy]\ntype = \"canary\"\nsteps = [{ weight = 20, pause = \"10s\" }, { weight = 60, pause = \"1h\" }]",
+    );
+    h.ctl.deploy(s.clone(), "hello@v1".into()).await;
+    let control = h.ctl.control();
+    let traffic = h.traffic.clone();
+    let driver = tokio::spawn(async move {
+        // Pause during step 1; 60 s later the canary is still at 20%.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        control.pause();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let at_20 = traffic
+            .published
+            .lock()
+            .expect("lock")
+            .last()
+            .is_some_and(|t| t.iter().any(|(r, w, _)| *r == 2 && *w == 20));
+        control.resume();
+        // The 1 h step would never end in this test: promote instead, early.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        control.promote();
+        at_20
+    });
+    let start = tokio::time::Instant::now();
+    assert_eq!(h.ctl.deploy(s, "hello@v2".into()).await, Outcome::Done);
+    assert!(driver.await.expect("join"), "paused at step 1");
+    assert!(
+        start.elapsed() >= Duration::from_secs(60),
+        "the pause held the rollout"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3600),
+        "promote skipped the 1 h step"
+    );
+    assert!(
+        served(&h)
+            .iter()
+            .all(|i| ["i4", "i5", "i6"].contains(&i.as_str()))
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn abort_rolls_a_rollout_back() {
+    let mut h = harness();
+    let s = spec("[strategy]\ntype = \"blue-green\"\nscale_down_delay = \"1h\"");
+    h.ctl.deploy(s.clone(), "hello@v1".into()).await;
+    let control = h.ctl.control();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        control.abort();
+    });
+    let out = h.ctl.deploy(s, "hello@v2".into()).await;
+    assert_eq!(out, Outcome::RolledBack("aborted by the user".into()));
+    assert_eq!(served(&h), ["i1", "i2", "i3"]);
+}

@@ -213,3 +213,16 @@ pub async fn remove(client: &AdminClient, name: &str) -> anyhow::Result<()> {
     println!("{name}");
     Ok(())
 }
+
+/// `slipway promote | abort | pause | resume SERVICE`.
+pub async fn control(client: &AdminClient, name: &str, verb: &str) -> anyhow::Result<()> {
+    client
+        .call(
+            Method::POST,
+            &format!("/api/v1/services/{name}/{verb}"),
+            None,
+        )
+        .await?;
+    println!("{name}: {verb}");
+    Ok(())
+}
