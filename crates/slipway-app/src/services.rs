@@ -305,7 +305,11 @@ impl Services {
                     ),
                 )
             })?;
-        let proxy = Proxy::new(spec.ingress.hold_timeout.0, Balance::RoundRobin);
+        let balance = match spec.ingress.balance {
+            slipway_core::service::BalanceKind::RoundRobin => Balance::RoundRobin,
+            slipway_core::service::BalanceKind::LeastRequests => Balance::LeastRequests,
+        };
+        let proxy = Proxy::new(spec.ingress.hold_timeout.0, balance);
         let (stop_proxy, stop_rx) = watch::channel(false);
         tokio::spawn(proxy.clone().serve(listener, stop_rx));
         let traffic = Arc::new(ProxyTraffic {

@@ -84,6 +84,20 @@ pub struct Ingress {
     /// Requests wait this long for a healthy backend before failing with 503.
     #[serde(default = "ten_seconds")]
     pub hold_timeout: Dur,
+    /// Balancing within a revision.
+    #[serde(default)]
+    pub balance: BalanceKind,
+}
+
+/// How the proxy picks among a revision's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceKind {
+    /// Each instance in turn.
+    #[default]
+    RoundRobin,
+    /// The instance with the fewest requests in flight.
+    LeastRequests,
 }
 
 /// `[health]`: readiness gates traffic, liveness restarts, startup delays both.

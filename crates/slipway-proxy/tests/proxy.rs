@@ -235,3 +235,63 @@ async fn requests_wait_for_a_backend_then_fail_with_503_after_the_hold() {
         "held for the hold timeout first"
     );
 }
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_and_keep_the_backend_busy() {
+    // A backend that accepts the upgrade and then echoes bytes.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.expect("accept");
+        let mut r = BufReader::new(s);
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                break;
+            }
+        }
+        let mut s = r.into_inner();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.expect("101");
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let b = Backend::new(backend_addr);
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, std::slice::from_ref(&b))]));
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.expect("handshake");
+    let mut r = BufReader::new(c);
+    let mut status = String::new();
+    r.read_line(&mut status).await.expect("status");
+    assert!(status.contains("101"), "{status}");
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).await.expect("header");
+        if h == "\r\n" {
+            break;
+        }
+    }
+    let mut c = r.into_inner();
+    c.write_all(b"ping").await.expect("send");
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"ping");
+    assert_eq!(
+        b.in_flight(),
+        1,
+        "an open upgraded connection keeps its backend busy"
+    );
+    drop(c);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while b.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("released when the connection ends");
+}
