@@ -629,3 +629,122 @@ fn images_run_from_another_registry() {
     assert_eq!(out, "generated for remote\n");
     rm_and_assert_gone(&s, "remote", false, None);
 }
+
+#[test]
+fn pack_on_a_base_image_and_image_ls_and_inspect() {
+    let s = TestServer::start(BIN);
+    pack_busybox(&s, "base:1", &["--env", "FROM_BASE=yes"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("greeting"), "hi from the top layer\n").expect("write");
+    let input = format!("{}:/etc/greeting", dir.path().join("greeting").display());
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            "app:1",
+            "--from",
+            "base:1",
+            "--cmd",
+            "cat",
+            "--cmd",
+            "/etc/greeting",
+            &input,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = cli(BIN, &s, &["image", "inspect", "app:1"]);
+    assert_eq!(code, 0);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        j["manifest"]["layers"].as_array().map(Vec::len),
+        Some(2),
+        "base layer + new layer"
+    );
+    assert!(
+        j["config"]["config"]["Env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e == "FROM_BASE=yes")
+    );
+    assert_eq!(
+        j["config"]["config"]["Entrypoint"],
+        serde_json::json!(["/bin/busybox"])
+    );
+    let (_, ls, _) = cli(BIN, &s, &["image", "ls", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&ls).expect("json");
+    let names: Vec<String> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["repository"].as_str().unwrap_or(""),
+                r["tag"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(names, ["app:1", "base:1"]);
+    let (code, out, err) = cli(BIN, &s, &["run", "--name", "layered", "app:1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "hi from the top layer\n");
+    rm_and_assert_gone(&s, "layered", false, None);
+}
+
+#[test]
+fn an_index_runs_its_linux_amd64_manifest() {
+    let s = TestServer::start(BIN);
+    pack_busybox(&s, "multi:amd64", &["--cmd", "true"]);
+    let m = s.get("/v2/multi/manifests/amd64");
+    let digest = m
+        .header("docker-content-digest")
+        .expect("digest")
+        .to_owned();
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+        m.body.len()
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/multi/manifests/v1",
+        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+        index.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "fromindex",
+            "multi:v1",
+            "--",
+            "echo",
+            "picked",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "picked\n");
+    assert_eq!(info(&s, "fromindex")["image_digest"], digest.as_str());
+    rm_and_assert_gone(&s, "fromindex", false, None);
+    let arm_only = index.replace("\"amd64\"", "\"arm64\"");
+    let r = s.request(
+        "PUT",
+        "/v2/multi/manifests/arm",
+        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+        arm_only.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "multi:arm"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no linux/amd64 manifest") && err.contains("linux/arm64"),
+        "{err}"
+    );
+}
