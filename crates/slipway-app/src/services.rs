@@ -217,6 +217,8 @@ pub(crate) struct Services {
     map: Mutex<HashMap<String, Arc<Service>>>,
     events: broadcast::Sender<Event>,
     recent: Mutex<Vec<Event>>,
+    /// Rollouts asked for by triggers (pushes, polls), started by one worker.
+    triggered: tokio::sync::mpsc::UnboundedSender<ServiceSpec>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -236,6 +238,7 @@ impl Services {
     ) -> Arc<Self> {
         let _ = std::fs::create_dir_all(&dir);
         let (events, _) = broadcast::channel(1024);
+        let (triggered, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
         let me = Arc::new(Self {
             dir,
             runtime,
@@ -244,10 +247,39 @@ impl Services {
             map: Mutex::default(),
             events,
             recent: Mutex::default(),
+            triggered,
         });
         let rx = me.events.subscribe();
         tokio::spawn(me.clone().keep_recent(rx));
+        tokio::spawn(me.clone().trigger_worker(trigger_rx));
         me
+    }
+
+    /// Deploys what triggers asked for, waiting out a rollout in progress.
+    async fn trigger_worker(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<ServiceSpec>,
+    ) {
+        while let Some(spec) = rx.recv().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                for _ in 0..600 {
+                    match me.deploy(spec.clone(), None).await {
+                        Ok((name, n)) => {
+                            tracing::info!(service = %name, revision = n, image = %spec.image, "trigger started a rollout");
+                            return;
+                        }
+                        Err(ApiError(ErrorKind::FailedPrecondition, _)) => {
+                            tokio::time::sleep(Duration::from_secs(1)).await
+                        }
+                        Err(e) => {
+                            tracing::error!(service = %spec.name, "triggered rollout refused: {}", e.1);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
     }
 
     async fn keep_recent(self: Arc<Self>, mut rx: broadcast::Receiver<Event>) {
@@ -269,13 +301,15 @@ impl Services {
     }
 
     /// Pins `image` to a digest when it lives in the embedded store.
-    fn pin(&self, image: &str) -> Result<String, ApiError> {
+    /// Pins `image` to a digest: from the embedded store, or asked of the remote
+    /// registry it names.
+    async fn pin(&self, image: &str) -> Result<String, ApiError> {
         let r = slipway_image::ImageRef::parse(image).map_err(|e| bad(format!("image: {e}")))?;
-        if r.host
-            .as_ref()
-            .is_some_and(|h| !self.local_hosts.contains(h))
-        {
-            return Ok(image.to_owned());
+        if let Some(host) = r.host.as_ref().filter(|h| !self.local_hosts.contains(h)) {
+            let digest = remote_digest(host, r.repo.as_str(), &r.reference.to_string())
+                .await
+                .map_err(|e| ApiError(ErrorKind::NotFound, format!("image: {image}: {e}")))?;
+            return Ok(format!("{host}/{}@{digest}", r.repo));
         }
         let meta = self
             .store
@@ -287,6 +321,76 @@ impl Services {
                 )
             })?;
         Ok(format!("{}@{}", r.repo, meta.digest))
+    }
+
+    /// Polls another registry for a service whose image lives there: a moved tag,
+    /// or a new tag matching the trigger, rolls out.
+    async fn poll_loop(self: Arc<Self>, svc: Arc<Service>) {
+        let mut stop = svc.stop_proxy.subscribe();
+        loop {
+            let spec = lock(&svc.spec).clone();
+            let Some(trigger) = spec.trigger.clone() else {
+                return;
+            };
+            tokio::select! {
+                () = tokio::time::sleep(trigger.poll_interval.0) => {}
+                _ = stop.changed() => return,
+            }
+            let Ok(r) = slipway_image::ImageRef::parse(&spec.image) else {
+                return;
+            };
+            let Some(host) = r.host.clone().filter(|h| !self.local_hosts.contains(h)) else {
+                return;
+            };
+            let (active_image, running_tag) = {
+                let st = lock(&svc.state);
+                let rev = st
+                    .active
+                    .and_then(|a| st.revisions.iter().find(|x| x.number == a).cloned());
+                (
+                    rev.as_ref().map(|x| x.image.clone()),
+                    rev.map(|x| x.spec.image),
+                )
+            };
+            let candidate = match (&trigger.tag, &trigger.semver, &trigger.regex) {
+                (Some(tag), _, _) => Some(tag.clone()),
+                _ => {
+                    let client = slipway_image::client::RegistryClient::new(&host);
+                    let Ok(tags) = client.tags(r.repo.as_str()).await else {
+                        continue;
+                    };
+                    let mut best: Option<String> = None;
+                    for t in tags
+                        .iter()
+                        .filter(|t| trigger_matches(&trigger, t, running_tag.as_deref()))
+                    {
+                        let better = match (&best, &trigger.semver) {
+                            (None, _) => true,
+                            (Some(b), Some(_)) => parse_version(t) > parse_version(b),
+                            (Some(b), None) => t > b,
+                        };
+                        if better {
+                            best = Some(t.clone());
+                        }
+                    }
+                    best
+                }
+            };
+            let Some(tag) = candidate else { continue };
+            let Ok(digest) = remote_digest(&host, r.repo.as_str(), &tag).await else {
+                continue;
+            };
+            if active_image
+                .as_deref()
+                .is_some_and(|a| a.ends_with(&digest))
+            {
+                continue;
+            }
+            let mut next = spec.clone();
+            next.image = format!("{host}/{}:{tag}", r.repo);
+            tracing::info!(service = %spec.name, "{} changed; rolling out", next.image);
+            let _ = self.triggered.send(next);
+        }
     }
 
     async fn create(
@@ -343,6 +447,7 @@ impl Services {
         });
         lock(&self.map).insert(spec.name.clone(), svc.clone());
         tokio::spawn(self.clone().heal_loop(spec.name.clone(), svc.clone()));
+        tokio::spawn(self.clone().poll_loop(svc.clone()));
         Ok(svc)
     }
 
@@ -368,7 +473,9 @@ impl Services {
         spec: ServiceSpec,
         image_override: Option<String>,
     ) -> Result<(String, u64), ApiError> {
-        let image = self.pin(image_override.as_deref().unwrap_or(&spec.image))?;
+        let image = self
+            .pin(image_override.as_deref().unwrap_or(&spec.image))
+            .await?;
         let existing = lock(&self.map).get(&spec.name).cloned();
         let svc = match existing {
             Some(svc) => {
@@ -535,27 +642,7 @@ impl Services {
                 }
                 let mut next = spec.clone();
                 next.image = format!("{}:{tag}", ev.repository);
-                let name = spec.name.clone();
-                let me = self.clone();
-                let tag = tag.clone();
-                tokio::spawn(async move {
-                    // Wait out a rollout in progress, then deploy the pushed tag.
-                    for _ in 0..600 {
-                        match me.deploy(next.clone(), None).await {
-                            Ok((_, n)) => {
-                                tracing::info!(service = %name, revision = n, "push of {tag} triggered a rollout");
-                                return;
-                            }
-                            Err(ApiError(ErrorKind::FailedPrecondition, _)) => {
-                                tokio::time::sleep(Duration::from_secs(1)).await
-                            }
-                            Err(e) => {
-                                tracing::error!(service = %name, "triggered rollout refused: {}", e.1);
-                                return;
-                            }
-                        }
-                    }
-                });
+                let _ = self.triggered.send(next);
             }
         }
     }
@@ -617,6 +704,20 @@ impl Services {
             svc.stop_proxy.send_replace(true);
         }
     }
+}
+
+/// The digest a remote registry serves for `repo:reference`.
+async fn remote_digest(host: &str, repo: &str, reference: &str) -> Result<String, String> {
+    let client = slipway_image::client::RegistryClient::new(host);
+    let (_, bytes) = client
+        .get_manifest(repo, reference)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(slipway_core::Digest::sha256_of(&bytes).to_string())
+}
+
+fn parse_version(tag: &str) -> Option<semver::Version> {
+    semver::Version::parse(tag.trim_start_matches('v')).ok()
 }
 
 /// Writes `<dir>/<name>.json` atomically (temp file, then rename).

@@ -226,6 +226,9 @@ pub struct Trigger {
     /// Tags matching this regular expression.
     #[serde(default)]
     pub regex: Option<String>,
+    /// For an image in another registry: how often to look for a new digest or tag.
+    #[serde(default = "thirty_seconds")]
+    pub poll_interval: Dur,
 }
 
 fn one() -> u32 {

@@ -188,19 +188,7 @@ impl RegistryClient {
             .send(Method::POST, &url, &[], full(Bytes::new()))
             .await?;
         let resp = Self::check(&Method::POST, &url, resp, &[StatusCode::ACCEPTED]).await?;
-        let loc = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ClientError::Protocol("upload session without Location".into()))?
-            .to_owned();
-        let mut put = if loc.starts_with('/') {
-            format!("{}{loc}", self.base)
-        } else {
-            loc
-        };
-        put.push(if put.contains('?') { '&' } else { '?' });
-        put.push_str(&format!("digest={digest}"));
+        let put = self.upload_url(&resp, digest)?;
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
         let mut sent = 0u64;
@@ -236,17 +224,45 @@ impl RegistryClient {
         if self.blob_exists(repo, &digest).await? {
             return Ok(digest);
         }
-        let url = format!("{}/v2/{repo}/blobs/uploads/?digest={digest}", self.base);
+        // A session, then one PUT: every registry supports this (single-POST
+        // monolithic uploads are optional in the spec, and Distribution lacks them).
+        let url = format!("{}/v2/{repo}/blobs/uploads/", self.base);
+        let resp = self
+            .send(Method::POST, &url, &[], full(Bytes::new()))
+            .await?;
+        let resp = Self::check(&Method::POST, &url, resp, &[StatusCode::ACCEPTED]).await?;
+        let put = self.upload_url(&resp, &digest)?;
         let resp = self
             .send(
-                Method::POST,
-                &url,
+                Method::PUT,
+                &put,
                 &[("content-type", "application/octet-stream")],
                 full(data),
             )
             .await?;
-        Self::check(&Method::POST, &url, resp, &[StatusCode::CREATED]).await?;
+        Self::check(&Method::PUT, &put, resp, &[StatusCode::CREATED]).await?;
         Ok(digest)
+    }
+
+    /// The URL to PUT a session's bytes to, from its `Location`, with `digest=`.
+    fn upload_url(
+        &self,
+        resp: &http::Response<hyper::body::Incoming>,
+        digest: &Digest,
+    ) -> Result<String, ClientError> {
+        let loc = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ClientError::Protocol("upload session without Location".into()))?;
+        let mut put = if loc.starts_with('/') {
+            format!("{}{loc}", self.base)
+        } else {
+            loc.to_owned()
+        };
+        put.push(if put.contains('?') { '&' } else { '?' });
+        put.push_str(&format!("digest={digest}"));
+        Ok(put)
     }
 
     /// Puts a manifest; returns its digest as the registry reports it.

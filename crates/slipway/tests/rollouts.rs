@@ -529,3 +529,77 @@ fn a_canary_held_for_an_hour_is_promoted_by_hand() {
     assert!(serving(port).starts_with("hello 2"));
     assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
 }
+
+#[test]
+fn a_service_on_another_registry_rolls_out_when_polling_finds_a_new_tag() {
+    let s = TestServer::start(BIN);
+    let dist_dir = tempfile::tempdir().expect("tmp");
+    let dport = free_port();
+    let cfg = dist_dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{dport}}}\n",
+            dist_dir.path().join("data").display()
+        ),
+    )
+    .expect("write");
+    let mut dist = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry");
+    let remote = format!("127.0.0.1:{dport}");
+    let pushed = poll(Duration::from_secs(10), || {
+        http_get(dport, "/v2/").filter(|r| r.status == 200)
+    })
+    .is_some();
+    let push = |version: &str| {
+        cli(
+            BIN,
+            &s,
+            &[
+                "image",
+                "pack",
+                "-q",
+                "--to",
+                &remote,
+                "--tag",
+                &format!("hello:{version}"),
+                "--entrypoint",
+                "/hello",
+                "--env",
+                &format!("HELLO_VERSION={version}"),
+                &format!("{}:/hello", hello_bin().display()),
+            ],
+        )
+        .0 == 0
+    };
+    let result = (|| {
+        if !(pushed && push("1.0.0")) {
+            return Err("Distribution did not take the image".to_owned());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let port = free_port();
+        let sp = spec(port, &format!("{remote}/hello:1.0.0"), "")
+            + "[trigger]\nsemver = \"^1\"\npoll_interval = \"300ms\"\n";
+        let (code, out) = deploy(&s, &write_spec(dir.path(), &sp));
+        if code != 0 {
+            return Err(out);
+        }
+        if !push("1.1.0") {
+            return Err("push of 1.1.0 failed".into());
+        }
+        poll(Duration::from_secs(30), || {
+            (s.get("/api/v1/services/web").json()["active"] == 2
+                && serving(port).starts_with("hello 1.1.0"))
+            .then_some(())
+        })
+        .ok_or_else(|| format!("no rollout: {}", s.get("/api/v1/services/web").json()))
+    })();
+    let _ = cli(BIN, &s, &["rm", "web"]);
+    let _ = dist.kill();
+    let _ = dist.wait();
+    result.expect("polling the other registry rolled 1.1.0 out");
+}
