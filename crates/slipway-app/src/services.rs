@@ -958,6 +958,7 @@ mod tests {
                 tag: tag.map(str::to_owned),
                 semver: semver.map(str::to_owned),
                 regex: regex.map(str::to_owned),
+                poll_interval: slipway_core::service::Dur(Duration::from_secs(30)),
             }
         };
         assert!(trigger_matches(
