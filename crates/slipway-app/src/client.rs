@@ -37,18 +37,14 @@ impl AdminClient {
         &self,
         method: http::Method,
         path: &str,
-        body: Option<&serde_json::Value>,
+        content_type: &str,
+        body: Vec<u8>,
     ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
-        let url = format!("{}{path}", self.base);
-        let bytes = body
-            .map(serde_json::to_vec)
-            .transpose()?
-            .unwrap_or_default();
         let req = http::Request::builder()
             .method(method)
-            .uri(&url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(bytes)))?;
+            .uri(format!("{}{path}", self.base))
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))?;
         self.client.request(req).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach slipway at {}: {e}; is `slipway serve` running?",
@@ -57,15 +53,11 @@ impl AdminClient {
         })
     }
 
-    /// Sends a request and returns the JSON answer (`null` for an empty body), or an
-    /// error carrying the server's message.
-    pub async fn call(
-        &self,
-        method: http::Method,
-        path: &str,
-        body: Option<&serde_json::Value>,
+    /// The JSON answer (`null` for an empty body), or an error carrying the
+    /// server's message (admin API or OCI error JSON).
+    async fn answer(
+        resp: http::Response<hyper::body::Incoming>,
     ) -> anyhow::Result<serde_json::Value> {
-        let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let json: serde_json::Value =
@@ -74,10 +66,24 @@ impl AdminClient {
             let msg = json["error"]["message"]
                 .as_str()
                 .or_else(|| json["errors"][0]["message"].as_str())
-                .map_or_else(|| format!("{status}"), str::to_owned);
+                .map_or_else(|| status.to_string(), str::to_owned);
             anyhow::bail!("{msg}");
         }
         Ok(json)
+    }
+
+    /// Sends a JSON request (or none) and returns the JSON answer.
+    pub async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
+        Self::answer(self.send(method, path, "application/json", bytes).await?).await
     }
 
     /// Sends raw bytes (e.g. a TOML spec) and returns the JSON answer.
@@ -87,52 +93,28 @@ impl AdminClient {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<serde_json::Value> {
-        let url = format!("{}{path}", self.base);
-        let req = http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header(http::header::CONTENT_TYPE, "application/toml")
-            .body(Full::new(Bytes::from(body)))?;
-        let resp = self.client.request(req).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach slipway at {}: {e}; is `slipway serve` running?",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        let json: serde_json::Value =
-            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            anyhow::bail!(
-                "{}",
-                json["error"]["message"]
-                    .as_str()
-                    .map_or_else(|| status.to_string(), str::to_owned)
-            );
-        }
-        Ok(json)
+        Self::answer(self.send(method, path, "application/toml", body).await?).await
     }
 
-    /// Streams a response body to `out` as it arrives (for `logs -f`).
+    /// POSTs to `path` with no body and returns the JSON answer.
+    pub async fn post_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        self.call(http::Method::POST, path, None).await
+    }
+
+    /// Streams a response body to `out` as it arrives (for `logs -f`, `events -f`).
     pub async fn stream_to(
         &self,
         path: &str,
         out: &mut (dyn std::io::Write + Send),
     ) -> anyhow::Result<()> {
-        let resp = self.send(http::Method::GET, path, None).await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if !status.is_success() {
-            let bytes = body.collect().await?.to_bytes();
-            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            anyhow::bail!(
-                "{}",
-                json["error"]["message"]
-                    .as_str()
-                    .unwrap_or("request failed")
-            );
+        let resp = self
+            .send(http::Method::GET, path, "application/json", Vec::new())
+            .await?;
+        if !resp.status().is_success() {
+            Self::answer(resp).await?;
+            return Ok(());
         }
+        let mut body = resp.into_body();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
                 out.write_all(&data)?;
@@ -140,26 +122,5 @@ impl AdminClient {
             }
         }
         Ok(())
-    }
-
-    /// POSTs to `path` and returns the JSON body, or an error naming the status.
-    pub async fn post_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let url = format!("{}{path}", self.base);
-        let req = http::Request::post(&url).body(Full::new(Bytes::new()))?;
-        let resp = self.client.request(req).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach slipway at {}: {e}; is `slipway serve` running?",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        let json: serde_json::Value =
-            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            let msg = json["errors"][0]["message"].as_str().unwrap_or("no detail");
-            anyhow::bail!("{url} answered {status}: {msg}");
-        }
-        Ok(json)
     }
 }

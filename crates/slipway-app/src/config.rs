@@ -8,26 +8,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
-use slipway_core::parse_duration;
+use serde::Deserialize;
 
 /// Where the data lives when neither `--data`, `SLIPWAY_DATA` nor `data_dir` says.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/slipway";
 /// Where `slipway serve` listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 
-/// A duration written as `"30s"`, `"10m"`, `"1h30m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
-    }
-}
+/// A duration written as `"30s"`, `"10m"`, `"1h30m"` (shared with service specs).
+pub use slipway_core::service::Dur;
 
 /// The TOML file, as written.
 #[derive(Debug, Clone, Deserialize, Default)]

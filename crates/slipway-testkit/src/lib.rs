@@ -532,3 +532,51 @@ pub fn http_get(port: u16, path: &str) -> Option<Response> {
         .any(|w| w == b"\r\n\r\n")
         .then(|| parse_response(&raw, false))
 }
+
+/// Distribution (Debian's `docker-registry`) on a free loopback port, as "another
+/// registry"; killed (by PID) on drop.
+pub struct Distribution {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Distribution {
+    /// Starts it and waits until `/v2/` answers; `None` if it does not come up.
+    pub fn start() -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let port = free_port();
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .ok()?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let d = Self {
+            child,
+            host: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        poll(Duration::from_secs(10), || {
+            http_get(port, "/v2/").filter(|r| r.status == 200)
+        })
+        .map(|_| d)
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

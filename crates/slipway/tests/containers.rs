@@ -573,58 +573,32 @@ fn logs_rotate_past_their_size_limit() {
 #[test]
 fn images_run_from_another_registry() {
     let s = TestServer::start(BIN);
-    let dist_dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let cfg = dist_dir.path().join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
-            dist_dir.path().join("data").display()
-        ),
-    )
-    .expect("write");
-    let mut dist = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("docker-registry");
-    let up = poll(Duration::from_secs(10), || {
-        http_get(port, "/v2/").filter(|r| r.status == 200)
-    });
+    let dist = slipway_testkit::Distribution::start().expect("Distribution starts");
     let tmp = tempfile::tempdir().expect("tmp");
     let layout = slipway_testkit::busybox_layout(tmp.path(), "remote");
-    let copied = up.is_some()
-        && Command::new("skopeo")
-            .args([
-                "copy",
-                "-q",
-                "--dest-tls-verify=false",
-                &format!("oci:{}:remote", layout.display()),
-                &format!("docker://127.0.0.1:{port}/busybox:remote"),
-            ])
-            .status()
-            .is_ok_and(|st| st.success());
-    let result = copied.then(|| {
-        cli(
-            BIN,
-            &s,
-            &[
-                "run",
-                "--name",
-                "remote",
-                &format!("127.0.0.1:{port}/busybox:remote"),
-                "--",
-                "/bin/busybox",
-                "cat",
-                "/hello.txt",
-            ],
-        )
-    });
-    let _ = dist.kill();
-    let _ = dist.wait();
-    let (code, out, err) = result.expect("Distribution started and took the image");
+    slipway_testkit::run(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:remote", layout.display()),
+        &format!("docker://{}/busybox:remote", dist.host),
+    ]));
+    let result = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "remote",
+            &format!("{}/busybox:remote", dist.host),
+            "--",
+            "/bin/busybox",
+            "cat",
+            "/hello.txt",
+        ],
+    );
+    drop(dist);
+    let (code, out, err) = result;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "generated for remote\n");
     rm_and_assert_gone(&s, "remote", false, None);

@@ -533,28 +533,9 @@ fn a_canary_held_for_an_hour_is_promoted_by_hand() {
 #[test]
 fn a_service_on_another_registry_rolls_out_when_polling_finds_a_new_tag() {
     let s = TestServer::start(BIN);
-    let dist_dir = tempfile::tempdir().expect("tmp");
-    let dport = free_port();
-    let cfg = dist_dir.path().join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: 127.0.0.1:{dport}}}\n",
-            dist_dir.path().join("data").display()
-        ),
-    )
-    .expect("write");
-    let mut dist = std::process::Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("docker-registry");
-    let remote = format!("127.0.0.1:{dport}");
-    let pushed = poll(Duration::from_secs(10), || {
-        http_get(dport, "/v2/").filter(|r| r.status == 200)
-    })
-    .is_some();
+    let dist = slipway_testkit::Distribution::start();
+    let remote = dist.as_ref().map(|d| d.host.clone()).unwrap_or_default();
+    let pushed = dist.is_some();
     let push = |version: &str| {
         cli(
             BIN,
@@ -599,7 +580,6 @@ fn a_service_on_another_registry_rolls_out_when_polling_finds_a_new_tag() {
         .ok_or_else(|| format!("no rollout: {}", s.get("/api/v1/services/web").json()))
     })();
     let _ = cli(BIN, &s, &["rm", "web"]);
-    let _ = dist.kill();
-    let _ = dist.wait();
+    drop(dist);
     result.expect("polling the other registry rolled 1.1.0 out");
 }
