@@ -300,14 +300,21 @@ impl Proxy {
                 }
             }
         };
-        let candidates: Vec<&Arc<Backend>> = rev
-            .backends
-            .iter()
-            .filter(|b| !b.is_draining() && !avoid.contains(&b.addr))
-            .collect();
+        // No allocation on this path: count, then walk to the chosen one.
+        let usable_backend = |b: &&Arc<Backend>| !b.is_draining() && !avoid.contains(&b.addr);
         let b = match self.balance {
-            Balance::RoundRobin => candidates[usize::try_from(n).unwrap_or(0) % candidates.len()],
-            Balance::LeastRequests => candidates.iter().min_by_key(|b| b.in_flight())?,
+            Balance::RoundRobin => {
+                let count = rev.backends.iter().filter(usable_backend).count();
+                rev.backends
+                    .iter()
+                    .filter(usable_backend)
+                    .nth(usize::try_from(n).unwrap_or(0) % count.max(1))?
+            }
+            Balance::LeastRequests => rev
+                .backends
+                .iter()
+                .filter(usable_backend)
+                .min_by_key(|b| b.in_flight())?,
         };
         Some((rev.revision, (*b).clone()))
     }

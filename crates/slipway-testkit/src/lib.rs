@@ -280,7 +280,19 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         // Containers outlive the daemon by design; a test that failed half-way must
-        // still leave none behind.
+        // still leave none behind. Services first: their healing would replace
+        // containers removed under them.
+        if self.child.is_some()
+            && let Some(r) = try_request(self.addr, "GET", "/api/v1/services")
+            && let Ok(serde_json::Value::Array(list)) =
+                serde_json::from_slice::<serde_json::Value>(&r.body)
+        {
+            for svc in list {
+                if let Some(name) = svc["name"].as_str() {
+                    let _ = try_request(self.addr, "DELETE", &format!("/api/v1/services/{name}"));
+                }
+            }
+        }
         if self.child.is_some()
             && let Some(r) = try_request(self.addr, "GET", "/api/v1/containers")
             && let Ok(serde_json::Value::Array(list)) =
