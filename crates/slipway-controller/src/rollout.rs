@@ -259,6 +259,14 @@ impl Controller {
         out
     }
 
+    /// Reads the state without persisting it.
+    fn read_state<T>(&self, f: impl FnOnce(&ServiceState) -> T) -> T {
+        f(&self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     fn event(&self, revision: Option<u64>, message: impl Into<String>) {
         let message = message.into();
         let service = self.with_state(|s| {
@@ -458,7 +466,7 @@ impl Controller {
 
     /// Deploys `spec` running `image` (pinned by digest) as a new revision.
     pub async fn deploy(&mut self, spec: ServiceSpec, image: String) -> Outcome {
-        let number = self.with_state(|s| s.revisions.last().map_or(1, |r| r.number + 1));
+        let number = self.read_state(|s| s.revisions.last().map_or(1, |r| r.number + 1));
         self.with_state(|s| {
             s.revisions.push(Revision {
                 number,
@@ -471,12 +479,12 @@ impl Controller {
         });
         self.control.reset();
         self.event(Some(number), format!("revision {number} started ({image})"));
-        let active = self.with_state(|s| s.active);
+        let active = self.read_state(|s| s.active);
         let deadline = Instant::now() + spec.progress_deadline.0;
         let Some(old_rev) = active else {
             return self.first_deploy(number, &image, &spec, deadline).await;
         };
-        let (old, old_spec) = self.with_state(|s| {
+        let (old, old_spec) = self.read_state(|s| {
             let old: Vec<Instance> = s
                 .instances
                 .iter()
@@ -792,7 +800,7 @@ impl Controller {
         }
         let new = std::mem::take(&mut ctx.new);
         self.drain_and_stop(&new, spec).await;
-        let stray: Vec<Instance> = self.with_state(|s| {
+        let stray: Vec<Instance> = self.read_state(|s| {
             s.instances
                 .iter()
                 .filter(|i| i.revision == number)
@@ -805,7 +813,7 @@ impl Controller {
     /// Rolls back to `to` (default: the revision before the active one) by deploying
     /// its image and spec again as a new revision.
     pub async fn rollback(&mut self, to: Option<u64>) -> Outcome {
-        let target = self.with_state(|s| {
+        let target = self.read_state(|s| {
             let active = s.active?;
             match to {
                 Some(n) => s
@@ -829,7 +837,7 @@ impl Controller {
 
     /// Changes the number of instances of the active revision, without downtime.
     pub async fn scale(&mut self, replicas: u32) -> Result<(), String> {
-        let (active, rev) = self.with_state(|s| {
+        let (active, rev) = self.read_state(|s| {
             (
                 s.active,
                 s.active
@@ -841,7 +849,7 @@ impl Controller {
         };
         let mut spec = rev.spec.clone();
         spec.replicas = replicas;
-        let mut current: Vec<Instance> = self.with_state(|s| {
+        let mut current: Vec<Instance> = self.read_state(|s| {
             s.instances
                 .iter()
                 .filter(|i| i.revision == active)
@@ -878,7 +886,7 @@ impl Controller {
     /// One self-healing pass: instances that died or fail liveness are replaced
     /// (the replacement is ready before the failed one leaves routing).
     pub async fn heal_once(&mut self) {
-        let (active, rev, insts) = self.with_state(|s| {
+        let (active, rev, insts) = self.read_state(|s| {
             let rev = s
                 .active
                 .and_then(|a| s.revisions.iter().find(|r| r.number == a).cloned());
@@ -913,7 +921,7 @@ impl Controller {
             let replacement = self
                 .start_ready(1, active, &rev.image, &rev.spec, deadline)
                 .await;
-            let mut current: Vec<Instance> = self.with_state(|s| {
+            let mut current: Vec<Instance> = self.read_state(|s| {
                 s.instances
                     .iter()
                     .filter(|i| i.revision == active && i.id != inst.id)
@@ -934,7 +942,7 @@ impl Controller {
     /// back, the active revision's live instances serve again, and the next
     /// [`Controller::heal_once`] replaces the ones that are gone.
     pub async fn recover(&mut self) {
-        let (active, insts, interrupted) = self.with_state(|s| {
+        let (active, insts, interrupted) = self.read_state(|s| {
             let interrupted: Vec<u64> = s
                 .revisions
                 .iter()
@@ -967,12 +975,12 @@ impl Controller {
         if let Some(a) = active {
             self.publish(&[(a, 100, live.clone())]);
         }
-        let spec = self.with_state(|s| s.revisions.last().map(|r| r.spec.clone()));
+        let spec = self.read_state(|s| s.revisions.last().map(|r| r.spec.clone()));
         if let Some(spec) = spec {
             self.drain_and_stop(&stray, &spec).await;
         }
         if let Some(a) = active {
-            let want = self.with_state(|s| {
+            let want = self.read_state(|s| {
                 s.revisions
                     .iter()
                     .find(|r| r.number == a)
@@ -993,7 +1001,7 @@ impl Controller {
     /// Stops every instance (the service is being removed).
     pub async fn remove(&mut self) {
         self.publish(&[]);
-        let (insts, spec) = self.with_state(|s| {
+        let (insts, spec) = self.read_state(|s| {
             (
                 s.instances.clone(),
                 s.revisions.last().map(|r| r.spec.clone()),
