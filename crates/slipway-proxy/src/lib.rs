@@ -38,6 +38,50 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// Why forwarding failed, with the request when it was never sent.
+struct Failure {
+    unsent: Option<Request<Body>>,
+    message: String,
+}
+
+/// Idle HTTP/1 connections to backends, by address. A connection is put back only
+/// after its response body ended, so a pooled one is free for the next request.
+#[derive(Default)]
+struct ConnPool {
+    idle: std::sync::Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+}
+
+impl ConnPool {
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.entry(addr).or_default();
+        if list.len() < 1024 {
+            list.push(sender);
+        }
+    }
+}
 
 /// One instance the proxy can send requests to.
 #[derive(Debug)]
@@ -114,6 +158,7 @@ pub struct Proxy {
     changed: watch::Sender<u64>,
     counter: AtomicU64,
     client: Client<HttpConnector, Body>,
+    pool: Arc<ConnPool>,
     hold: Duration,
     balance: Balance,
     stats: RwLock<HashMap<u64, Arc<RevisionStats>>>,
@@ -172,6 +217,7 @@ impl Proxy {
             changed: watch::channel(0).0,
             counter: AtomicU64::new(0),
             client,
+            pool: Arc::default(),
             hold,
             balance,
             stats: RwLock::default(),
@@ -372,53 +418,130 @@ impl Proxy {
         if upgrade {
             return Ok(self.upgrade(req, revision, backend, start).await);
         }
-        let retryable = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
-        let (parts, body) = req.into_parts();
-        let mut body = Some(body.boxed());
+        let authority = req.uri().authority().cloned();
+        let (mut parts, body) = req.into_parts();
+        // HTTP/1 backends get origin-form URIs and a Host header (h2 clients send none).
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(a) = authority
+                .as_ref()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, a);
+        }
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+        let mut req = Request::from_parts(parts, body.boxed());
         let mut tried = Vec::new();
         loop {
             backend.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(backend.clone());
-            let mut out = Request::from_parts(
-                parts.clone(),
-                body.take().unwrap_or_else(|| {
-                    Full::new(Bytes::new())
-                        .map_err(|never| match never {})
-                        .boxed()
-                }),
-            );
-            *out.uri_mut() = backend_uri(&backend, &parts.uri);
-            match self.client.request(out).await {
-                Ok(resp) => {
-                    let stats = self.stats(revision);
+            match self.forward(backend.addr, req).await {
+                Ok((resp, sender)) => {
                     let (rparts, rbody) = resp.into_parts();
-                    let status = rparts.status;
-                    stats.record(status.is_server_error(), start.elapsed());
-                    // The in-flight guard lives as long as the response body streams.
+                    self.stats(revision)
+                        .record(rparts.status.is_server_error(), start.elapsed());
+                    // The in-flight guard lives as long as the response body streams; the
+                    // connection goes back to the pool once the body has ended.
                     let body = GuardedBody {
                         inner: rbody,
                         _guard: guard,
+                        sender: Some((self.pool.clone(), backend.addr, sender)),
                     };
                     return Ok(Response::from_parts(rparts, body.boxed()));
                 }
-                Err(e) => {
+                Err(failure) => {
                     drop(guard);
                     tried.push(backend.addr);
-                    let connect_failed = e.is_connect();
-                    tracing::debug!(backend = %backend.addr, "proxy request failed: {e}");
-                    if retryable
-                        && connect_failed
+                    tracing::debug!(backend = %backend.addr, "proxy request failed: {}", failure.message);
+                    // A request that was never sent can go to another backend, whatever
+                    // its method: nothing of it reached the failed one.
+                    if let Some(unsent) = failure.unsent
                         && tried.len() < 3
                         && let Some((r, b)) = self.pick(pinned, &tried)
                     {
                         revision = r;
                         backend = b;
+                        req = unsent;
                         continue;
                     }
                     self.stats(revision).record(true, start.elapsed());
                     return Ok(text(StatusCode::BAD_GATEWAY, "backend failed"));
                 }
             }
+        }
+    }
+
+    /// Sends `req` to `addr` over a pooled HTTP/1 connection, or a new one.
+    async fn forward(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Sender), Failure> {
+        while let Some(mut sender) = self.pool.take(addr) {
+            // Pooled connections finished their last response; readiness is immediate
+            // unless the backend closed it meanwhile.
+            if !matches!(
+                tokio::time::timeout(Duration::from_millis(500), sender.ready()).await,
+                Ok(Ok(()))
+            ) {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent, // a stale connection: try the next one
+                    None => {
+                        return Err(Failure {
+                            unsent: None,
+                            message: e.into_error().to_string(),
+                        });
+                    }
+                },
+            }
+        }
+        let stream = match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(Failure {
+                    unsent: Some(req),
+                    message: format!("connect: {e}"),
+                });
+            }
+            Err(_) => {
+                return Err(Failure {
+                    unsent: Some(req),
+                    message: "connect timed out".into(),
+                });
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(v) => v,
+                Err(e) => {
+                    return Err(Failure {
+                        unsent: Some(req),
+                        message: format!("handshake: {e}"),
+                    });
+                }
+            };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, sender)),
+            Err(mut e) => Err(Failure {
+                unsent: e.take_message(),
+                message: e.into_error().to_string(),
+            }),
         }
     }
 
@@ -439,15 +562,7 @@ impl Proxy {
                 .map_err(|never| match never {})
                 .boxed(),
         );
-        if let Ok(u) = format!(
-            "http://{}{}",
-            backend.addr,
-            parts.uri.path_and_query().map_or("/", |p| p.as_str())
-        )
-        .parse()
-        {
-            *out.uri_mut() = u;
-        }
+        *out.uri_mut() = backend_uri(&backend, &parts.uri);
         let mut resp = match self.client.request(out).await {
             Ok(r) => r,
             Err(_) => {
@@ -506,6 +621,19 @@ impl Proxy {
 struct GuardedBody {
     inner: Incoming,
     _guard: InFlight,
+    sender: Option<(Arc<ConnPool>, SocketAddr, Sender)>,
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        // The server stops polling once `is_end_stream` says so; a body read to its
+        // end leaves its connection ready for the next request.
+        if hyper::body::Body::is_end_stream(&self.inner)
+            && let Some((pool, addr, sender)) = self.sender.take()
+        {
+            pool.put(addr, sender);
+        }
+    }
 }
 
 impl hyper::body::Body for GuardedBody {
@@ -516,7 +644,13 @@ impl hyper::body::Body for GuardedBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None))
+            && let Some((pool, addr, sender)) = self.sender.take()
+        {
+            pool.put(addr, sender);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
