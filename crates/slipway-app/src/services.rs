@@ -461,6 +461,7 @@ impl Services {
             // Only between rollouts: a rollout holds the controller.
             if let Ok(mut ctl) = svc.controller.try_lock() {
                 ctl.heal_once().await;
+                ctl.autoscale_once().await;
                 drop(ctl);
                 self.persist(&name);
             }

@@ -84,6 +84,9 @@ pub struct Controller {
     liveness_failures: HashMap<String, u32>,
     persist: Option<Persist>,
     control: Arc<Control>,
+    /// Autoscaling: the last (time, request count) sample and the last scaling time.
+    rps_sample: Option<(Instant, u64)>,
+    last_scaled: Option<Instant>,
 }
 
 /// Manual control of a rollout in progress (`slipway pause | resume | promote |
@@ -175,6 +178,8 @@ impl Controller {
             liveness_failures: HashMap::new(),
             persist: None,
             control: Arc::default(),
+            rps_sample: None,
+            last_scaled: None,
         }
     }
 
@@ -936,6 +941,55 @@ impl Controller {
             self.drain_and_stop(std::slice::from_ref(inst), &rev.spec)
                 .await;
         }
+    }
+
+    /// One autoscaling decision: from the active revision's requests/s since the last
+    /// call, the instance count that puts each near `target_rps`, within min..max,
+    /// at most once per cooldown. Returns the new count when it scaled.
+    pub async fn autoscale_once(&mut self) -> Option<u32> {
+        let (active, spec, current) = self.read_state(|s| {
+            let rev = s
+                .active
+                .and_then(|a| s.revisions.iter().find(|r| r.number == a));
+            (
+                s.active,
+                rev.map(|r| r.spec.clone()),
+                s.instances
+                    .iter()
+                    .filter(|i| Some(i.revision) == s.active)
+                    .count(),
+            )
+        });
+        let (active, spec) = (active?, spec?);
+        let auto = spec.autoscale.clone()?;
+        let now = Instant::now();
+        let requests = self.traffic.stats(active).requests;
+        let previous = self.rps_sample.replace((now, requests));
+        let (then, before) = previous?;
+        let secs = now.duration_since(then).as_secs_f64();
+        if secs <= 0.0 {
+            return None;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "request counts")]
+        let rps = requests.saturating_sub(before) as f64 / secs;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "clamped to 1..=100"
+        )]
+        let desired = ((rps / auto.target_rps).ceil() as u32).clamp(auto.min, auto.max);
+        let cooled = self
+            .last_scaled
+            .is_none_or(|t| now.duration_since(t) >= auto.cooldown.0);
+        if desired as usize == current || !cooled {
+            return None;
+        }
+        self.event(
+            Some(active),
+            format!("autoscaling from {current} to {desired} instances ({rps:.0} req/s)"),
+        );
+        self.last_scaled = Some(now);
+        self.scale(desired).await.ok().map(|()| desired)
     }
 
     /// Converges after a daemon restart: a rollout that was interrupted is rolled

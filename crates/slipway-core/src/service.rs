@@ -73,6 +73,24 @@ pub struct ServiceSpec {
     /// Which pushed tags roll out by themselves.
     #[serde(default)]
     pub trigger: Option<Trigger>,
+    /// Scale on requests per second per instance.
+    #[serde(default)]
+    pub autoscale: Option<Autoscale>,
+}
+
+/// `[autoscale]`: keep requests/s per instance near a target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    /// Fewest instances.
+    pub min: u32,
+    /// Most instances.
+    pub max: u32,
+    /// Requests per second one instance should carry.
+    pub target_rps: f64,
+    /// Time between two scaling decisions.
+    #[serde(default = "thirty_seconds")]
+    pub cooldown: Dur,
 }
 
 /// `[ingress]`
@@ -422,6 +440,20 @@ impl ServiceSpec {
                 "must be a fraction between 0 and 1, e.g. 0.01",
             ));
         }
+        if let Some(a) = &self.autoscale {
+            if a.min == 0 || a.min > a.max || a.max > 100 {
+                return Err(invalid(
+                    "autoscale.max",
+                    format!("need 1 <= min ({}) <= max ({}) <= 100", a.min, a.max),
+                ));
+            }
+            if !(a.target_rps.is_finite() && a.target_rps > 0.0) {
+                return Err(invalid(
+                    "autoscale.target_rps",
+                    "must be a positive number of requests per second",
+                ));
+            }
+        }
         if let Some(t) = &self.trigger {
             let kinds = usize::from(t.tag.is_some())
                 + usize::from(t.semver.is_some())
@@ -515,6 +547,14 @@ semver = "^1"
             (
                 FULL.replace("listen = \"127.0.0.1:8080\"", "listen = \"nowhere\""),
                 "listen",
+            ),
+            (
+                FULL.to_owned() + "[autoscale]\nmin = 3\nmax = 2\ntarget_rps = 10\n",
+                "autoscale.max",
+            ),
+            (
+                FULL.to_owned() + "[autoscale]\nmin = 1\nmax = 2\ntarget_rps = 0\n",
+                "autoscale.target_rps",
             ),
         ];
         for (text, want) in cases {

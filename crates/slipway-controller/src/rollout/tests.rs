@@ -394,3 +394,41 @@ async fn abort_rolls_a_rollout_back() {
     assert_eq!(out, Outcome::RolledBack("aborted by the user".into()));
     assert_eq!(served(&h), ["i1", "i2", "i3"]);
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn autoscaling_follows_requests_per_instance_within_bounds_and_cooldown() {
+    let mut h = harness();
+    let s = spec("[autoscale]\nmin = 1\nmax = 4\ntarget_rps = 20\ncooldown = \"60s\"").clone();
+    let mut s = s;
+    s.replicas = 2;
+    h.ctl.deploy(s, "hello@v1".into()).await;
+    let set = |h: &Harness, n: u64| {
+        h.traffic.errors.lock().expect("lock").insert(
+            1,
+            TrafficStats {
+                requests: n,
+                errors: 0,
+                p99_ms: 1,
+            },
+        )
+    };
+    set(&h, 0);
+    assert_eq!(
+        h.ctl.autoscale_once().await,
+        None,
+        "the first call only takes a sample"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    set(&h, 1000); // 100 req/s over 10 s: 5 instances wanted, 4 allowed
+    assert_eq!(h.ctl.autoscale_once().await, Some(4));
+    assert_eq!(served(&h).len(), 4);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        h.ctl.autoscale_once().await,
+        None,
+        "no traffic, but the cooldown holds"
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(h.ctl.autoscale_once().await, Some(1), "idle: down to min");
+    assert_eq!(served(&h).len(), 1);
+}
