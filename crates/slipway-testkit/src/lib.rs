@@ -277,34 +277,34 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// The `name` fields of a JSON list the admin API returns (empty on any failure).
+    fn names(&self, path: &str) -> Vec<String> {
+        try_request(self.addr, "GET", path)
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|x| x["name"].as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         // Containers outlive the daemon by design; a test that failed half-way must
         // still leave none behind. Services first: their healing would replace
         // containers removed under them.
-        if self.child.is_some()
-            && let Some(r) = try_request(self.addr, "GET", "/api/v1/services")
-            && let Ok(serde_json::Value::Array(list)) =
-                serde_json::from_slice::<serde_json::Value>(&r.body)
-        {
-            for svc in list {
-                if let Some(name) = svc["name"].as_str() {
-                    let _ = try_request(self.addr, "DELETE", &format!("/api/v1/services/{name}"));
-                }
-            }
-        }
-        if self.child.is_some()
-            && let Some(r) = try_request(self.addr, "GET", "/api/v1/containers")
-            && let Ok(serde_json::Value::Array(list)) =
-                serde_json::from_slice::<serde_json::Value>(&r.body)
-        {
-            for c in list {
-                if let Some(name) = c["name"].as_str() {
-                    let _ = try_request(
-                        self.addr,
-                        "DELETE",
-                        &format!("/api/v1/containers/{name}?force=true"),
-                    );
+        if self.child.is_some() {
+            for (list, delete) in [
+                ("/api/v1/services", "/api/v1/services/{}"),
+                ("/api/v1/containers", "/api/v1/containers/{}?force=true"),
+            ] {
+                for name in self.names(list) {
+                    let _ = try_request(self.addr, "DELETE", &delete.replace("{}", &name));
                 }
             }
         }
