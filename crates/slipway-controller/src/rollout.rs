@@ -735,18 +735,8 @@ impl Controller {
                 return Err("progress deadline exceeded".into());
             }
             let want = (replicas * weight).div_ceil(100).clamp(1, replicas) as usize;
-            if ctx.new.len() < want {
-                let more = self
-                    .start_ready(
-                        u32::try_from(want - ctx.new.len()).unwrap_or(1),
-                        number,
-                        image,
-                        spec,
-                        deadline,
-                    )
-                    .await?;
-                ctx.new.extend(more);
-            }
+            self.grow_new(ctx, want, number, image, spec, deadline)
+                .await?;
             self.publish_both(ctx, number, Some(*weight));
             self.event(
                 Some(number),
@@ -759,21 +749,29 @@ impl Controller {
             self.observe(number, spec, &ctx.new.clone(), *pause).await?;
         }
         // Promote: the full new set, all traffic, then retire the old set.
-        if ctx.new.len() < replicas as usize {
-            let more = self
-                .start_ready(
-                    replicas - u32::try_from(ctx.new.len()).unwrap_or(0),
-                    number,
-                    image,
-                    spec,
-                    deadline,
-                )
-                .await?;
-            ctx.new.extend(more);
-        }
+        self.grow_new(ctx, replicas as usize, number, image, spec, deadline)
+            .await?;
         self.publish(&[(number, 100, ctx.new.clone())]);
         let old = std::mem::take(&mut ctx.old);
         self.drain_and_stop(&old, spec).await;
+        Ok(())
+    }
+
+    /// Starts (and waits for) new-revision instances until there are `want`.
+    async fn grow_new(
+        &self,
+        ctx: &mut Rollout,
+        want: usize,
+        number: u64,
+        image: &str,
+        spec: &ServiceSpec,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        if ctx.new.len() < want {
+            let n = u32::try_from(want - ctx.new.len()).unwrap_or(1);
+            ctx.new
+                .extend(self.start_ready(n, number, image, spec, deadline).await?);
+        }
         Ok(())
     }
 

@@ -58,6 +58,16 @@ pub struct RegistryClient {
 /// Called with the number of bytes sent so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// A whole response body.
+async fn read_body(resp: http::Response<hyper::body::Incoming>) -> Result<Bytes, ClientError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .to_bytes())
+}
+
 /// The strings of a JSON array (empty for anything else).
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
@@ -320,12 +330,7 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
+        let body = read_body(resp).await?;
         Ok((mt, body))
     }
 
@@ -336,12 +341,7 @@ impl RegistryClient {
             .send(Method::GET, &url, &[], full(Bytes::new()))
             .await?;
         let resp = Self::check(&Method::GET, &url, resp, &[StatusCode::OK]).await?;
-        Ok(resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes())
+        read_body(resp).await
     }
 
     /// Streams a blob into a file.
@@ -387,12 +387,7 @@ impl RegistryClient {
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, ClientError> {
         let resp = self.send(Method::GET, url, &[], full(Bytes::new())).await?;
         let resp = Self::check(&Method::GET, url, resp, &[StatusCode::OK]).await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
+        let body = read_body(resp).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }

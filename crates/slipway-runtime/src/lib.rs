@@ -85,10 +85,8 @@ impl RuntimeError {
             Self::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Self::PortInUse(_) | Self::Running(_) => ErrorKind::FailedPrecondition,
             Self::Runc(runc::RuncError::Missing(_)) => ErrorKind::Unavailable,
-            Self::Runc(_) | Self::Bundle(_) | Self::Io(..) => match self {
-                Self::Io(_, e) if e.raw_os_error() == Some(28) => ErrorKind::ResourceExhausted,
-                _ => ErrorKind::Internal,
-            },
+            Self::Io(_, e) if e.raw_os_error() == Some(28) => ErrorKind::ResourceExhausted,
+            Self::Runc(_) | Self::Bundle(_) | Self::Io(..) => ErrorKind::Internal,
         }
     }
 }

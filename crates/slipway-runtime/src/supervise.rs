@@ -17,7 +17,7 @@ use crate::RuntimeError;
 use crate::bundle::{self, BundleConfig};
 use crate::image::{self, ResolvedImage};
 use crate::rootfs::{self, RootfsKind};
-use crate::runc::{Runc, RuncError};
+use crate::runc::Runc;
 use crate::spec::{self, RestartPolicy, RunRequest};
 use crate::unpack::{self, LayerCompression};
 
@@ -675,12 +675,7 @@ impl Runtime {
             }
         }
         let dir = self.dir(name);
-        ctr.update(&dir, |i| {
-            if i.status != Status::Exited || i.exit_code.is_none() {
-                i.status = Status::Stopped;
-            }
-            i.status = Status::Stopped;
-        });
+        ctr.update(&dir, |i| i.status = Status::Stopped);
         Ok(lock(&ctr.info).clone())
     }
 
@@ -817,11 +812,5 @@ impl Runtime {
     /// re-adopted by the next daemon.
     pub fn detach(&self) {
         lock(&self.containers).clear();
-    }
-}
-
-impl From<RuncError> for std::io::Error {
-    fn from(e: RuncError) -> Self {
-        std::io::Error::other(e.to_string())
     }
 }

@@ -592,3 +592,44 @@ impl Drop for Distribution {
         let _ = self.child.wait();
     }
 }
+
+/// `slipway image pack -q` of one input as `tag` with `entrypoint` and extra flags,
+/// asserting success; returns the manifest digest the CLI prints.
+pub fn pack(
+    bin: &str,
+    s: &TestServer,
+    tag: &str,
+    entrypoint: &str,
+    extra: &[&str],
+    input: &str,
+) -> String {
+    let mut args = vec![
+        "image",
+        "pack",
+        "-q",
+        "--tag",
+        tag,
+        "--entrypoint",
+        entrypoint,
+    ];
+    args.extend_from_slice(extra);
+    args.push(input);
+    let (code, out, err) = cli(bin, s, &args);
+    assert_eq!(code, 0, "pack failed: {err}");
+    assert!(out.trim().starts_with("sha256:"), "{out}");
+    out.trim().to_owned()
+}
+
+/// Packs the static hello workload as `tag`, reporting `version`.
+pub fn pack_hello(bin: &str, s: &TestServer, tag: &str, version: &str) {
+    let env = format!("HELLO_VERSION={version}");
+    let input = format!("{}:/hello", hello_bin().display());
+    pack(
+        bin,
+        s,
+        tag,
+        "/hello",
+        &["--env", &env, "--expose", "8080"],
+        &input,
+    );
+}

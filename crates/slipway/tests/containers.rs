@@ -5,44 +5,25 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use slipway_testkit::{TestServer, cli, free_port, hello_bin, http_get, poll, sha256};
+use slipway_testkit::{TestServer, cli, free_port, http_get, poll, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
-/// Packs one input as `tag` with `entrypoint` and extra pack flags; returns the digest.
-fn pack(s: &TestServer, tag: &str, entrypoint: &str, extra: &[&str], input: &str) -> String {
-    let mut args = vec![
-        "image",
-        "pack",
-        "-q",
-        "--tag",
-        tag,
-        "--entrypoint",
-        entrypoint,
-    ];
-    args.extend_from_slice(extra);
-    args.push(input);
-    let (code, out, err) = cli(BIN, s, &args);
-    assert_eq!(code, 0, "pack failed: {err}");
-    assert!(out.trim().starts_with("sha256:"), "{out}");
-    out.trim().to_owned()
-}
-
+/// Packs the hello workload as `tag`.
 fn pack_hello(s: &TestServer, tag: &str, version: &str) {
-    let env = format!("HELLO_VERSION={version}");
-    let input = format!("{}:/hello", hello_bin().display());
-    pack(
-        s,
-        tag,
-        "/hello",
-        &["--env", &env, "--expose", "8080"],
-        &input,
-    );
+    slipway_testkit::pack_hello(BIN, s, tag, version);
 }
 
 /// Packs busybox-static as `tag`, entrypoint `/bin/busybox`, with extra pack flags.
 fn pack_busybox(s: &TestServer, tag: &str, extra: &[&str]) {
-    pack(s, tag, "/bin/busybox", extra, "/bin/busybox:/bin/busybox");
+    slipway_testkit::pack(
+        BIN,
+        s,
+        tag,
+        "/bin/busybox",
+        extra,
+        "/bin/busybox:/bin/busybox",
+    );
 }
 
 fn info(s: &TestServer, name: &str) -> serde_json::Value {

@@ -17,23 +17,7 @@ use slipway_testkit::{TestServer, cli, free_port, hello_bin, http_get, poll};
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
 fn pack_hello(s: &TestServer, tag: &str, version: &str) {
-    let (code, _, err) = cli(
-        BIN,
-        s,
-        &[
-            "image",
-            "pack",
-            "-q",
-            "--tag",
-            tag,
-            "--entrypoint",
-            "/hello",
-            "--env",
-            &format!("HELLO_VERSION={version}"),
-            &format!("{}:/hello", hello_bin().display()),
-        ],
-    );
-    assert_eq!(code, 0, "pack: {err}");
+    slipway_testkit::pack_hello(BIN, s, tag, version);
 }
 
 fn write_spec(dir: &std::path::Path, body: &str) -> String {
