@@ -23,7 +23,7 @@ pub use metrics::{BUCKETS_MS, RevisionStats, Stats};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -39,6 +39,7 @@ use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 type Sender = hyper::client::conn::http1::SendRequest<Body>;
+type ClientConn = hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Body>;
 
 /// Why forwarding failed, with the request when it was never sent.
 struct Failure {
@@ -46,41 +47,54 @@ struct Failure {
     message: String,
 }
 
-/// Idle HTTP/1 connections to backends, by address. A connection is put back only
-/// after its response body ended, so a pooled one is free for the next request.
-#[derive(Default)]
-struct ConnPool {
-    idle: std::sync::Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+/// One HTTP/1 connection to a backend. It has no task of its own: whoever uses it
+/// drives it, first the request handler until the response head arrives, then the
+/// response body as the client reads it. That saves a task wake-up and a channel hop
+/// per request, the largest per-request cost after the kernel's.
+struct Upstream {
+    sender: Sender,
+    conn: ClientConn,
 }
 
-impl ConnPool {
-    fn take(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
+impl Upstream {
+    /// Polls the connection; `true` once it has closed (or failed) for good.
+    fn drive(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        std::pin::Pin::new(&mut self.conn).poll(cx).is_ready()
     }
 
-    fn put(&self, addr: SocketAddr, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.entry(addr).or_default();
-        if list.len() < 1024 {
-            list.push(sender);
-        }
+    /// Waits until the connection can take a request; `false` when it has closed.
+    async fn ready(&mut self) -> bool {
+        std::future::poll_fn(|cx| {
+            if self.drive(cx) {
+                return std::task::Poll::Ready(false);
+            }
+            self.sender.poll_ready(cx).map(|r| r.is_ok())
+        })
+        .await
     }
+
+    /// Sends `req` and drives the connection until the response head arrives.
+    async fn send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        let mut closed = false;
+        std::future::poll_fn(|cx| {
+            // After the connection ends, the response future resolves on its own.
+            if !closed {
+                closed = std::pin::Pin::new(&mut self.conn).poll(cx).is_ready();
+            }
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// The current thread's id, without touching its `Thread` handle's refcount.
+fn this_thread() -> std::thread::ThreadId {
+    thread_local!(static ID: std::thread::ThreadId = std::thread::current().id());
+    ID.with(|id| *id)
 }
 
 /// One instance the proxy can send requests to.
@@ -91,6 +105,15 @@ pub struct Backend {
     authority: http::uri::Authority,
     in_flight: AtomicU64,
     draining: AtomicBool,
+    /// Idle connections, each with its last response fully read, tagged with the
+    /// proxy thread whose I/O driver owns the socket.
+    idle: std::sync::Mutex<Vec<(std::thread::ThreadId, Upstream)>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Upstream")
+    }
 }
 
 impl Backend {
@@ -105,7 +128,29 @@ impl Backend {
             authority,
             in_flight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            idle: std::sync::Mutex::default(),
         })
+    }
+
+    /// The most recently used idle connection of this thread.
+    fn take_idle(&self) -> Option<Upstream> {
+        let me = this_thread();
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = idle.iter().rposition(|(t, _)| *t == me)?;
+        Some(idle.swap_remove(i).1)
+    }
+
+    fn put_idle(&self, up: Upstream) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < 1024 {
+            idle.push((this_thread(), up));
+        }
     }
 
     /// Requests (and open streams or upgrades) currently being served.
@@ -158,7 +203,6 @@ pub struct Proxy {
     changed: watch::Sender<u64>,
     counter: AtomicU64,
     client: Client<HttpConnector, Body>,
-    pool: Arc<ConnPool>,
     hold: Duration,
     balance: Balance,
     stats: RwLock<HashMap<u64, Arc<RevisionStats>>>,
@@ -217,7 +261,6 @@ impl Proxy {
             changed: watch::channel(0).0,
             counter: AtomicU64::new(0),
             client,
-            pool: Arc::default(),
             hold,
             balance,
             stats: RwLock::default(),
@@ -438,8 +481,8 @@ impl Proxy {
         loop {
             backend.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(backend.clone());
-            match self.forward(backend.addr, req).await {
-                Ok((resp, sender)) => {
+            match Self::forward(&backend, req).await {
+                Ok((resp, upstream)) => {
                     let (rparts, rbody) = resp.into_parts();
                     self.stats(revision)
                         .record(rparts.status.is_server_error(), start.elapsed());
@@ -447,8 +490,8 @@ impl Proxy {
                     // connection goes back to the pool once the body has ended.
                     let body = GuardedBody {
                         inner: rbody,
-                        _guard: guard,
-                        sender: Some((self.pool.clone(), backend.addr, sender)),
+                        upstream: Some(upstream),
+                        guard,
                     };
                     return Ok(Response::from_parts(rparts, body.boxed()));
                 }
@@ -474,23 +517,18 @@ impl Proxy {
         }
     }
 
-    /// Sends `req` to `addr` over a pooled HTTP/1 connection, or a new one.
+    /// Sends `req` to `backend` over one of its idle connections, or a new one.
     async fn forward(
-        &self,
-        addr: SocketAddr,
+        backend: &Backend,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Sender), Failure> {
-        while let Some(mut sender) = self.pool.take(addr) {
-            // Pooled connections finished their last response; readiness is immediate
-            // unless the backend closed it meanwhile.
-            if !matches!(
-                tokio::time::timeout(Duration::from_millis(500), sender.ready()).await,
-                Ok(Ok(()))
-            ) {
+    ) -> Result<(Response<Incoming>, Upstream), Failure> {
+        while let Some(mut up) = backend.take_idle() {
+            // An idle connection is ready at once unless the backend closed it.
+            if !up.ready().await {
                 continue;
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
+            match up.send(req).await {
+                Ok(resp) => return Ok((resp, up)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent, // a stale connection: try the next one
                     None => {
@@ -502,6 +540,7 @@ impl Proxy {
                 },
             }
         }
+        let addr = backend.addr;
         let stream = match tokio::time::timeout(
             Duration::from_secs(2),
             tokio::net::TcpStream::connect(addr),
@@ -523,21 +562,25 @@ impl Proxy {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(v) => v,
-                Err(e) => {
-                    return Err(Failure {
-                        unsent: Some(req),
-                        message: format!("handshake: {e}"),
-                    });
-                }
-            };
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, sender)),
+        let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(Failure {
+                    unsent: Some(req),
+                    message: format!("handshake: {e}"),
+                });
+            }
+        };
+        let mut up = Upstream { sender, conn };
+        if !up.ready().await {
+            return Err(Failure {
+                unsent: Some(req),
+                message: "connection closed before the request".into(),
+            });
+        }
+        match up.send(req).await {
+            Ok(resp) => Ok((resp, up)),
             Err(mut e) => Err(Failure {
                 unsent: e.take_message(),
                 message: e.into_error().to_string(),
@@ -586,13 +629,33 @@ impl Proxy {
         Response::from_parts(p, b.boxed())
     }
 
-    /// Serves on `listener` until `shutdown` fires.
+    /// Serves on `listener` until `shutdown` fires, then lets open requests finish
+    /// (up to 5 s).
+    ///
+    /// Connections are served by one single-threaded runtime per core. A
+    /// connection and its backend connections stay on one thread, so no request
+    /// crosses threads (the model of HAProxy and pingora); with the shared
+    /// work-stealing pool, wake-ups between workers cost every request. This loop
+    /// accepts and hands each connection to the thread with the fewest open ones,
+    /// which keeps the cores evenly loaded (a shared accept is first come, first
+    /// served, and often left one thread with most of the connections).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let mut workers = Vec::new();
+        let mut done = Vec::new();
+        for i in 0..threads {
+            match self.clone().spawn_worker(i) {
+                Ok((worker, finished)) => {
+                    workers.push(worker);
+                    done.push(finished);
+                }
+                Err(e) => tracing::error!("proxy: cannot start serving thread {i}: {e}"),
+            }
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -601,37 +664,118 @@ impl Proxy {
                 },
                 _ = shutdown.changed() => break,
             };
-            let _ = stream.set_nodelay(true);
-            let me = self.clone();
-            let svc = hyper::service::service_fn(move |req| me.clone().handle(req, peer));
-            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let Some(worker) = workers
+                .iter()
+                .min_by_key(|w| w.open.load(Ordering::Relaxed))
+            else {
+                break;
+            };
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            worker.open.fetch_add(1, Ordering::Relaxed);
+            if worker.tx.send((stream, peer)).is_err() {
+                worker.open.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         drop(listener);
-        let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+        drop(workers); // closes the hand-off channels: each thread drains and ends
+        for finished in done {
+            let _ = finished.await;
+        }
+    }
+
+    /// Starts serving thread `i`; the receiver resolves when it has ended.
+    fn spawn_worker(
+        self: Arc<Self>,
+        i: usize,
+    ) -> std::io::Result<(Worker, tokio::sync::oneshot::Receiver<()>)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (finished_tx, finished) = tokio::sync::oneshot::channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = open.clone();
+        std::thread::Builder::new()
+            .name(format!("slipway-proxy-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+                    while let Some((stream, peer)) = rx.recv().await {
+                        self.clone()
+                            .serve_connection(stream, peer, &graceful, &count);
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+                });
+                drop(finished_tx);
+            })?;
+        Ok((Worker { tx, open }, finished))
+    }
+
+    fn serve_connection(
+        self: Arc<Self>,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        graceful: &hyper_util::server::graceful::GracefulShutdown,
+        open: &Arc<AtomicUsize>,
+    ) {
+        let open = OpenConnection(open.clone());
+        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper::service::service_fn(move |req| self.clone().handle(req, peer));
+        let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = conn.await;
+        });
     }
 }
 
-/// A response body that keeps its backend counted as busy until it ends.
+/// A serving thread: where to hand it connections, and how many it has open.
+struct Worker {
+    tx: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Counts a connection as open on its thread until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its backend counted as busy until it ends, and drives
+/// the backend connection that delivers it. Once the body has ended, the connection
+/// goes back to the backend's idle list.
 struct GuardedBody {
     inner: Incoming,
-    _guard: InFlight,
-    sender: Option<(Arc<ConnPool>, SocketAddr, Sender)>,
+    upstream: Option<Upstream>,
+    guard: InFlight,
+}
+
+impl GuardedBody {
+    fn release(&mut self) {
+        if let Some(up) = self.upstream.take() {
+            self.guard.0.put_idle(up);
+        }
+    }
 }
 
 impl Drop for GuardedBody {
     fn drop(&mut self) {
         // The server stops polling once `is_end_stream` says so; a body read to its
-        // end leaves its connection ready for the next request.
-        if hyper::body::Body::is_end_stream(&self.inner)
-            && let Some((pool, addr, sender)) = self.sender.take()
-        {
-            pool.put(addr, sender);
+        // end leaves its connection ready for the next request. One dropped half-way
+        // (the client went away) takes its connection with it.
+        if hyper::body::Body::is_end_stream(&self.inner) {
+            self.release();
         }
     }
 }
@@ -644,11 +788,16 @@ impl hyper::body::Body for GuardedBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None))
-            && let Some((pool, addr, sender)) = self.sender.take()
+        let this = &mut *self;
+        if let Some(up) = this.upstream.as_mut()
+            && up.drive(cx)
         {
-            pool.put(addr, sender);
+            // Closed: what it read is already in `inner`; it cannot be reused.
+            this.upstream = None;
+        }
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) {
+            this.release();
         }
         polled
     }

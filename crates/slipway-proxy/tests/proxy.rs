@@ -295,3 +295,97 @@ async fn websocket_upgrades_pass_through_and_keep_the_backend_busy() {
     .await
     .expect("released when the connection ends");
 }
+
+/// A hyper backend that answers every request with its body echoed back in two
+/// chunks (a streamed, chunked response), counting the connections it accepts.
+async fn echo_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use http_body_util::{BodyExt, StreamBody};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let half = body.len() / 2;
+                    let frames = [body.slice(..half), body.slice(half..)]
+                        .map(|b| Ok::<_, hyper::Error>(hyper::body::Frame::data(b)));
+                    let stream = futures_util::stream::iter(frames);
+                    Ok::<_, hyper::Error>(hyper::Response::new(StreamBody::new(stream)))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn request_bodies_and_streamed_responses_pass_through_on_reused_backend_connections() {
+    use http_body_util::{BodyExt, Full};
+    let (backend_addr, accepted) = echo_backend().await;
+    let b = Backend::new(backend_addr);
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, std::slice::from_ref(&b))]));
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut client, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    for round in 0u8..5 {
+        // Larger than any socket or hyper buffer, so the body streams both ways.
+        let payload: Vec<u8> = (0..(1 << 20))
+            .map(|i: u32| (i % 251) as u8 ^ round)
+            .collect();
+        let req = hyper::Request::post("/echo")
+            .header("host", "x")
+            .body(Full::new(bytes::Bytes::from(payload.clone())))
+            .expect("request");
+        client.ready().await.expect("ready");
+        let resp = client.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(body == payload[..], "round {round}: the echo differs");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sequential requests reuse one backend connection"
+    );
+    assert_eq!(b.in_flight(), 0);
+    assert_eq!(proxy.stats(1).snapshot().requests, 5);
+}
+
+#[tokio::test]
+async fn a_stopped_proxy_releases_its_port_and_finishes_open_requests() {
+    let a = Backend::new(backend("a").await);
+    let (proxy, addr, stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, std::slice::from_ref(&a))]));
+    let slow = tokio::spawn(get(addr, "/slow", ""));
+    // The slow request is in flight once the backend counts it.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while a.in_flight() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("request reached the backend");
+    stop.send(true).expect("stop");
+    let (code, body) = slow.await.expect("join");
+    assert_eq!((code, body.starts_with('a')), (200, true));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while std::net::TcpListener::bind(addr).is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the port is free again");
+}
