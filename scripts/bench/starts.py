@@ -1,12 +1,18 @@
-"""Times N sequential container starts until the first successful HTTP response.
+"""Times container starts until the first successful HTTP response, for several
+ways of starting the same container. They take turns, in a shuffled order each
+round, so that neither drift of a shared machine nor the aftermath of the previous
+trial (another tool's cleanup) favours one way.
 
-    starts.py N PORT -- START_CMD...   (START_CMD may contain {i} for the trial number;
-                                        `POST URL JSON` sends one request instead)
-    with STOP_CMD given in the STOP environment variable (also formatted with {i}).
+    starts.py N PORT VARIANTS.json
 
-Prints one duration in milliseconds per line.
+VARIANTS.json is a list of {"name": ..., "start": [argv...], "stop": "shell command"};
+a start of ["POST", URL, JSON] sends that one request from this process instead of
+running a command (the daemon's own path, without a client process).
+
+Prints "NAME MILLISECONDS" per trial.
 """
-import os
+import json
+import random
 import socket
 import subprocess
 import sys
@@ -23,26 +29,39 @@ def http_ok(port):
         return False
 
 
-n, port = int(sys.argv[1]), int(sys.argv[2])
-cmd = sys.argv[sys.argv.index("--") + 1:]
-stop = os.environ["STOP"]
-for i in range(n):
-    argv = [a.replace("{i}", str(i)) for a in cmd]
-    t0 = time.perf_counter()
+def start(argv):
     if argv[0] == "POST":
-        # `POST URL JSON`: the start is one HTTP request from this process (no client
-        # process to spawn), to measure the daemon's own path.
-        req = urllib.request.Request(argv[1], data=argv[2].encode(), method="POST", headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(argv[1], data=argv[2].encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req).read()
     else:
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def trial(variant, port):
+    t0 = time.perf_counter()
+    start(variant["start"])
     deadline = t0 + 30
     while not http_ok(port):
         if time.perf_counter() > deadline:
-            sys.exit(f"trial {i}: no answer on port {port} within 30 s")
-        time.sleep(0.001)
-    print(f"{(time.perf_counter() - t0) * 1000:.1f}", flush=True)
-    subprocess.run(stop.replace("{i}", str(i)), shell=True, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Wait for the port to be free again before the next trial.
+            sys.exit(f"{variant['name']}: no answer on port {port} within 30 s")
+        time.sleep(0.0005)
+    ms = (time.perf_counter() - t0) * 1000
+    subprocess.run(variant["stop"], shell=True, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The port must be free again before the next trial.
+    deadline = time.perf_counter() + 30
     while http_ok(port):
+        if time.perf_counter() > deadline:
+            sys.exit(f"{variant['name']}: still answering on port {port} after stop")
         time.sleep(0.005)
+    return ms
+
+
+n, port = int(sys.argv[1]), int(sys.argv[2])
+variants = json.load(open(sys.argv[3]))
+rng = random.Random(42)
+for _ in range(n):
+    rng.shuffle(variants)
+    for v in variants:
+        print(f"{v['name']} {trial(v, port):.1f}", flush=True)

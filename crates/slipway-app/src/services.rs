@@ -2,7 +2,7 @@
 //! and HTTP/TCP/exec probes; the `/api/v1/services` API; image-driven triggers;
 //! persistence and recovery.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -205,7 +205,9 @@ struct Service {
     proxy: Arc<Proxy>,
     stop_proxy: watch::Sender<bool>,
     /// The outcome of the last deploy, for `slipway deploy` to wait on.
-    last_outcome: Mutex<Option<(u64, Outcome)>>,
+    /// How recent deploys ended, by revision: a deploy's follower finds its own
+    /// even when a newer revision started meanwhile.
+    outcomes: Mutex<BTreeMap<u64, Outcome>>,
 }
 
 /// All services of this daemon.
@@ -342,15 +344,19 @@ impl Services {
             let Some(host) = r.host.clone().filter(|h| !self.local_hosts.contains(h)) else {
                 return;
             };
-            let (active_image, running_tag) = {
+            let (current_images, running_tag) = {
                 let st = lock(&svc.state);
                 let rev = st
                     .active
                     .and_then(|a| st.revisions.iter().find(|x| x.number == a).cloned());
-                (
-                    rev.as_ref().map(|x| x.image.clone()),
-                    rev.map(|x| x.spec.image),
-                )
+                // The live revision and the newest one (which may be rolling out):
+                // finding either's digest again is no change.
+                let images: Vec<String> = rev
+                    .iter()
+                    .chain(st.revisions.last())
+                    .map(|x| x.image.clone())
+                    .collect();
+                (images, rev.map(|x| x.spec.image))
             };
             let candidate = match (&trigger.tag, &trigger.semver, &trigger.regex) {
                 (Some(tag), _, _) => Some(tag.clone()),
@@ -380,10 +386,7 @@ impl Services {
             let Ok(digest) = remote_digest(&host, r.repo.as_str(), &tag).await else {
                 continue;
             };
-            if active_image
-                .as_deref()
-                .is_some_and(|a| a.ends_with(&digest))
-            {
+            if current_images.iter().any(|i| i.ends_with(&digest)) {
                 continue;
             }
             let mut next = spec.clone();
@@ -443,7 +446,7 @@ impl Services {
             spec: spec_cell,
             proxy,
             stop_proxy,
-            last_outcome: Mutex::default(),
+            outcomes: Mutex::default(),
         });
         lock(&self.map).insert(spec.name.clone(), svc.clone());
         tokio::spawn(self.clone().heal_loop(spec.name.clone(), svc.clone()));
@@ -503,19 +506,39 @@ impl Services {
                 format!("{}: a rollout is already in progress", spec.name),
             ));
         };
-        let number = lock(&svc.state)
-            .revisions
-            .last()
-            .map_or(1, |r| r.number + 1);
+        let (number, unchanged) = {
+            let st = lock(&svc.state);
+            let newest = st.revisions.last();
+            // The same spec and image as the live revision: nothing to roll out (as
+            // `kubectl apply` of an unchanged manifest). After a rollback the newest
+            // revision is not the live one, so deploying it again does retry.
+            let unchanged = newest
+                .filter(|r| st.active == Some(r.number) && r.spec == spec && r.image == image);
+            (
+                unchanged.map_or_else(|| newest.map_or(1, |r| r.number + 1), |r| r.number),
+                unchanged.is_some(),
+            )
+        };
+        if unchanged {
+            lock(&svc.outcomes)
+                .entry(number)
+                .or_insert_with(|| Outcome::Done);
+            return Ok((spec.name, number));
+        }
         *lock(&svc.spec) = spec.clone();
-        *lock(&svc.last_outcome) = None;
         let me = self.clone();
         let name = spec.name.clone();
         let svc2 = svc.clone();
         tokio::spawn(async move {
             let outcome = ctl.deploy(spec, image).await;
             drop(ctl);
-            *lock(&svc2.last_outcome) = Some((number, outcome));
+            {
+                let mut outcomes = lock(&svc2.outcomes);
+                outcomes.insert(number, outcome);
+                while outcomes.len() > 20 {
+                    outcomes.pop_first();
+                }
+            }
             me.persist(&name);
         });
         Ok((
@@ -540,7 +563,7 @@ impl Services {
             .into_iter()
             .map(|(rev, s)| serde_json::json!({"revision": rev, "requests": s.requests, "errors": s.errors, "p99_ms": s.p99_ms()}))
             .collect();
-        let outcome = lock(&svc.last_outcome).clone();
+        let outcomes = lock(&svc.outcomes).clone();
         serde_json::json!({
             "name": state.name,
             "ingress": spec.ingress.listen,
@@ -551,7 +574,8 @@ impl Services {
             "instances": state.instances,
             "revisions": state.revisions,
             "traffic": stats,
-            "last_deploy": outcome.map(|(n, o)| serde_json::json!({"revision": n, "result": o})),
+            "last_deploy": outcomes.iter().next_back().map(|(n, o)| serde_json::json!({"revision": n, "result": o})),
+            "deploys": outcomes.iter().map(|(n, o)| serde_json::json!({"revision": n, "result": o})).collect::<Vec<_>>(),
         })
     }
 

@@ -21,6 +21,7 @@
 
 pub mod bundle;
 pub mod image;
+mod pidwatch;
 pub mod rootfs;
 pub mod runc;
 pub mod spec;

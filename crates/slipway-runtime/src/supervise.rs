@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::RuntimeError;
 use crate::bundle::{self, BundleConfig};
 use crate::image::{self, ResolvedImage};
+use crate::pidwatch::DirWatch;
 use crate::rootfs::{self, RootfsKind};
 use crate::runc::Runc;
 use crate::spec::{self, RestartPolicy, RunRequest};
@@ -523,6 +524,9 @@ impl Runtime {
                 };
                 let pid_file = dir.join("container.pid");
                 let _ = fs::remove_file(&pid_file);
+                // Watch before runc starts, so the pid file's arrival cannot be missed.
+                let mut watch = Some(DirWatch::new(&dir));
+                let spawned = std::time::Instant::now();
                 let mut child = match runc.run(&id, &dir.join("bundle"), &pid_file, &log) {
                     Ok(c) => c,
                     Err(e) => {
@@ -533,19 +537,27 @@ impl Runtime {
                         break;
                     }
                 };
-                // "Running" once runc has written the container's pid: poll fast at
-                // first (start latency matters), then slowly for log rotation.
+                // "Running" once runc has written the container's pid (woken by the
+                // watch: start latency matters), then a slow tick for log rotation.
                 let mut pid_known = false;
                 let mut polls = 0u32;
                 let status = loop {
-                    let period = if pid_known || polls > 2000 { 200 } else { 2 };
+                    let tick = Duration::from_millis(200);
+                    let next = async {
+                        match &mut watch {
+                            Some(w) => w.changed(tick).await,
+                            None => tokio::time::sleep(tick).await,
+                        }
+                    };
                     tokio::select! {
                         s = child.wait() => break s,
-                        () = tokio::time::sleep(Duration::from_millis(period)) => {
+                        () = next => {
                             polls += 1;
                             if !pid_known {
                                 if let Some(pid) = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
                                     pid_known = true;
+                                    watch = None;
+                                    tracing::debug!(container = %name, since_spawn = ?spawned.elapsed(), "runc started the process");
                                     ctr.update(&dir, |i| {
                                         i.status = Status::Running;
                                         i.started_at_ms = Some(started);

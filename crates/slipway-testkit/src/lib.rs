@@ -506,19 +506,51 @@ pub fn hello_bin() -> PathBuf {
 }
 
 /// Runs the `slipway` CLI against `server`, returning (exit code, stdout, stderr).
+///
+/// A command still running after [`CLI_DEADLINE`] is killed and reported as exit
+/// code -1 with what it printed: a hang fails its test with evidence instead of
+/// stalling the suite.
 pub fn cli(bin: &str, server: &TestServer, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin)
+    let mut child = Command::new(bin)
         .arg("--server")
         .arg(format!("http://{}", server.host()))
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let status = poll(CLI_DEADLINE, || child.try_wait().ok().flatten());
+    let code = match status {
+        Some(s) => s.code().unwrap_or(-1),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            -1
+        }
+    };
+    let mut err = err.join().unwrap_or_default();
+    if status.is_none() {
+        err.push_str(&format!(
+            "\n(testkit: `slipway {}` killed after {CLI_DEADLINE:?})",
+            args.join(" ")
+        ));
+    }
+    (code, out.join().unwrap_or_default(), err)
 }
+
+/// How long [`cli`] lets one command run.
+pub const CLI_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {

@@ -567,3 +567,19 @@ fn a_service_on_another_registry_rolls_out_when_polling_finds_a_new_tag() {
     drop(dist);
     result.expect("polling the other registry rolled 1.1.0 out");
 }
+
+#[test]
+fn deploying_an_unchanged_spec_again_creates_no_revision() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write_spec(dir.path(), &spec(free_port(), "hello:1", ""));
+    assert_eq!(deploy(&s, &file).0, 0);
+    let (code, out) = deploy(&s, &file);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("revision 1 is live"), "{out}");
+    let v = s.get("/api/v1/services/web").json();
+    assert_eq!(v["revisions"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["active"], 1);
+    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+}

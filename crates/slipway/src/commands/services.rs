@@ -34,8 +34,14 @@ pub async fn deploy(client: &AdminClient, file: &Path, detach: bool) -> anyhow::
             println!("  {phase}");
             last_phase = phase;
         }
-        if s["last_deploy"]["revision"].as_u64() == Some(revision) {
-            let r = &s["last_deploy"]["result"];
+        // Its own outcome, even if a newer revision (a trigger) started meanwhile.
+        let own = s["deploys"].as_array().and_then(|d| {
+            d.iter()
+                .find(|d| d["revision"].as_u64() == Some(revision))
+                .cloned()
+        });
+        if let Some(own) = own {
+            let r = &own["result"];
             return Ok(match r["outcome"].as_str() {
                 Some("done") => {
                     println!("revision {revision} is live");

@@ -1,0 +1,100 @@
+//! Noticing the moment runc writes a container's pid file.
+//!
+//! runc writes the pid file (via a temporary file and a rename) once the
+//! container's process runs; that moment is when `run` returns. Polling the file
+//! added a timer tick (2–3 ms) to every start; an inotify watch on the container
+//! directory wakes the supervisor as soon as the rename lands. Where inotify is
+//! unavailable it falls back to polling.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::unix::AsyncFd;
+
+struct Fd(Inotify);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Wakes when a file in one directory is renamed into place or closed after
+/// writing.
+pub(crate) struct DirWatch {
+    fd: Option<AsyncFd<Fd>>,
+}
+
+impl DirWatch {
+    /// Watches `dir`; never fails (falls back to polling).
+    #[expect(
+        deprecated,
+        reason = "AsyncFd::new is deprecated because a borrowed fd could close under it; \
+                  `Fd` owns its inotify descriptor for the AsyncFd's whole life, so the \
+                  safe constructor is sound here and avoids `unsafe` (`register`)"
+    )]
+    pub(crate) fn new(dir: &Path) -> Self {
+        let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .ok()
+            .and_then(|i| {
+                i.add_watch(
+                    dir,
+                    AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+                )
+                .ok()?;
+                AsyncFd::new(Fd(i)).ok()
+            });
+        Self { fd }
+    }
+
+    /// Resolves after something may have changed: an event, or at most `fallback`.
+    pub(crate) async fn changed(&mut self, fallback: Duration) {
+        let Some(fd) = &self.fd else {
+            tokio::time::sleep(Duration::from_millis(2).min(fallback)).await;
+            return;
+        };
+        let wait = async {
+            loop {
+                let Ok(mut guard) = fd.readable().await else {
+                    return;
+                };
+                match guard.try_io(|f| f.get_ref().0.read_events().map_err(std::io::Error::from)) {
+                    Ok(_) => return,
+                    Err(_would_block) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(fallback, wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rename_into_the_directory_wakes_the_watch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut watch = DirWatch::new(dir.path());
+        assert!(watch.fd.is_some(), "inotify is available here");
+        let p = dir.path().to_owned();
+        let writer = tokio::spawn(async move {
+            std::fs::write(p.join(".tmp"), b"42").expect("write");
+            std::fs::rename(p.join(".tmp"), p.join("container.pid")).expect("rename");
+        });
+        // Far longer than any test run may wait: only the event can end it in time.
+        let woke = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                watch.changed(Duration::from_secs(60)).await;
+                if dir.path().join("container.pid").exists() {
+                    return;
+                }
+            }
+        })
+        .await;
+        writer.await.expect("writer");
+        assert!(woke.is_ok(), "the watch woke on the rename");
+    }
+}
