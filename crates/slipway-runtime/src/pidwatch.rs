@@ -5,6 +5,9 @@
 //! added a timer tick (2–3 ms) to every start; an inotify watch on the container
 //! directory wakes the supervisor as soon as the rename lands. Where inotify is
 //! unavailable it falls back to polling.
+//!
+//! Dropping a [`DirWatch`] closes its inotify instance, which blocks until an RCU
+//! grace period passes (5-15 ms measured here): callers drop it off the hot path.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;

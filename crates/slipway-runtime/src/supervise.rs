@@ -556,14 +556,18 @@ impl Runtime {
                             if !pid_known {
                                 if let Some(pid) = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
                                     pid_known = true;
-                                    watch = None;
-                                    tracing::debug!(container = %name, since_spawn = ?spawned.elapsed(), "runc started the process");
                                     ctr.update(&dir, |i| {
                                         i.status = Status::Running;
                                         i.started_at_ms = Some(started);
                                         i.pid = Some(pid);
                                         i.backoff_ms = None;
                                     });
+                                    tracing::debug!(container = %name, since_spawn = ?spawned.elapsed(), "runc started the process");
+                                    // Closing an inotify instance waits for an RCU grace
+                                    // period (5-15 ms here): never on the start's path.
+                                    if let Some(w) = watch.take() {
+                                        tokio::task::spawn_blocking(move || drop(w));
+                                    }
                                 }
                             } else if polls.is_multiple_of(10) {
                                 self.rotate_log(&dir);
@@ -571,6 +575,9 @@ impl Runtime {
                         }
                     }
                 };
+                if let Some(w) = watch.take() {
+                    tokio::task::spawn_blocking(move || drop(w));
+                }
                 let code = status.ok().and_then(|s| {
                     use std::os::unix::process::ExitStatusExt;
                     s.code().or_else(|| s.signal().map(|sig| 128 + sig))
