@@ -17,11 +17,6 @@ use clap::{Parser, Subcommand};
 use slipway_app::client::{AdminClient, DEFAULT_SERVER};
 use slipway_app::config::{ConfigError, FileConfig, Overrides, Settings};
 
-/// The daemon's proxy and registry allocate per request; mimalloc's thread-local
-/// free lists make that markedly cheaper than glibc malloc (see `scripts/bench-rollout`).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for an invalid configuration (sysexits EX_CONFIG).
 const EX_CONFIG: u8 = 78;
 
