@@ -664,18 +664,30 @@ impl Proxy {
                 },
                 _ = shutdown.changed() => break,
             };
-            let Some(worker) = workers
-                .iter()
-                .min_by_key(|w| w.open.load(Ordering::Relaxed))
-            else {
-                break;
-            };
-            let Ok(stream) = stream.into_std() else {
+            let Ok(mut stream) = stream.into_std() else {
                 continue;
             };
-            worker.open.fetch_add(1, Ordering::Relaxed);
-            if worker.tx.send((stream, peer)).is_err() {
-                worker.open.fetch_sub(1, Ordering::Relaxed);
+            // A thread that ended (it cannot, short of a bug) leaves the rotation
+            // rather than swallowing every connection it would be handed.
+            loop {
+                let Some(worker) = workers
+                    .iter()
+                    .min_by_key(|w| w.open.load(Ordering::Relaxed))
+                else {
+                    tracing::error!("proxy: no serving thread left");
+                    break;
+                };
+                worker.open.fetch_add(1, Ordering::Relaxed);
+                match worker.tx.send((stream, peer)) {
+                    Ok(()) => break,
+                    Err(tokio::sync::mpsc::error::SendError((back, _))) => {
+                        stream = back;
+                        workers.retain(|w| !w.tx.is_closed());
+                    }
+                }
+            }
+            if workers.is_empty() {
+                break;
             }
         }
         drop(listener);
