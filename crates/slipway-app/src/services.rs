@@ -204,10 +204,25 @@ struct Service {
     spec: Arc<Mutex<ServiceSpec>>,
     proxy: Arc<Proxy>,
     stop_proxy: watch::Sender<bool>,
-    /// The outcome of the last deploy, for `slipway deploy` to wait on.
     /// How recent deploys ended, by revision: a deploy's follower finds its own
     /// even when a newer revision started meanwhile.
     outcomes: Mutex<BTreeMap<u64, Outcome>>,
+}
+
+impl Service {
+    /// The controller, when no rollout holds it; changes that must not interleave
+    /// with a rollout (deploy, rollback, scale) go through here.
+    fn idle_controller(
+        &self,
+        name: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Controller>, ApiError> {
+        self.controller.clone().try_lock_owned().map_err(|_| {
+            ApiError(
+                ErrorKind::FailedPrecondition,
+                format!("{name}: a rollout is already in progress"),
+            )
+        })
+    }
 }
 
 /// All services of this daemon.
@@ -500,12 +515,7 @@ impl Services {
                     .await?
             }
         };
-        let Ok(mut ctl) = svc.controller.clone().try_lock_owned() else {
-            return Err(ApiError(
-                ErrorKind::FailedPrecondition,
-                format!("{}: a rollout is already in progress", spec.name),
-            ));
-        };
+        let mut ctl = svc.idle_controller(&spec.name)?;
         let (number, unchanged) = {
             let st = lock(&svc.state);
             let newest = st.revisions.last();
@@ -675,52 +685,57 @@ impl Services {
     /// Appends per-service, per-revision proxy metrics in Prometheus text form.
     pub(crate) fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
-        let services: Vec<(String, Arc<Service>)> = lock(&self.map)
+        // One snapshot per scrape, so the three families agree with each other.
+        let stats: Vec<(String, u64, slipway_proxy::Stats)> = lock(&self.map)
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .flat_map(|(name, svc)| {
+                svc.proxy
+                    .all_stats()
+                    .into_iter()
+                    .map(|(rev, st)| (name.clone(), rev, st))
+            })
             .collect();
-        out.push_str("# HELP slipway_proxy_requests_total Requests through a service's proxy, by revision.\n# TYPE slipway_proxy_requests_total counter\n");
-        for (name, svc) in &services {
-            for (rev, st) in svc.proxy.all_stats() {
+        for (family, help, value) in [
+            (
+                "slipway_proxy_requests_total",
+                "Requests through a service's proxy, by revision.",
+                (|st| st.requests) as fn(&slipway_proxy::Stats) -> u64,
+            ),
+            (
+                "slipway_proxy_errors_total",
+                "5xx answers and failed requests, by revision.",
+                |st| st.errors,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
+            for (name, rev, st) in &stats {
                 let _ = writeln!(
                     out,
-                    "slipway_proxy_requests_total{{service=\"{name}\",revision=\"{rev}\"}} {}",
-                    st.requests
-                );
-            }
-        }
-        out.push_str("# HELP slipway_proxy_errors_total 5xx answers and failed requests, by revision.\n# TYPE slipway_proxy_errors_total counter\n");
-        for (name, svc) in &services {
-            for (rev, st) in svc.proxy.all_stats() {
-                let _ = writeln!(
-                    out,
-                    "slipway_proxy_errors_total{{service=\"{name}\",revision=\"{rev}\"}} {}",
-                    st.errors
+                    "{family}{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                    value(st)
                 );
             }
         }
         out.push_str("# HELP slipway_proxy_request_duration_seconds Latency through the proxy, by revision.\n# TYPE slipway_proxy_request_duration_seconds histogram\n");
-        for (name, svc) in &services {
-            for (rev, st) in svc.proxy.all_stats() {
-                let mut cumulative = 0;
-                for (i, le) in slipway_proxy::BUCKETS_MS.iter().enumerate() {
-                    cumulative += st.buckets[i];
-                    let le = if *le == u64::MAX {
-                        "+Inf".to_owned()
-                    } else {
-                        format!("{}", *le as f64 / 1000.0)
-                    };
-                    let _ = writeln!(
-                        out,
-                        "slipway_proxy_request_duration_seconds_bucket{{service=\"{name}\",revision=\"{rev}\",le=\"{le}\"}} {cumulative}"
-                    );
-                }
+        for (name, rev, st) in &stats {
+            let mut cumulative = 0;
+            for (i, le) in slipway_proxy::BUCKETS_MS.iter().enumerate() {
+                cumulative += st.buckets[i];
+                let le = if *le == u64::MAX {
+                    "+Inf".to_owned()
+                } else {
+                    format!("{}", *le as f64 / 1000.0)
+                };
                 let _ = writeln!(
                     out,
-                    "slipway_proxy_request_duration_seconds_count{{service=\"{name}\",revision=\"{rev}\"}} {}",
-                    st.requests
+                    "slipway_proxy_request_duration_seconds_bucket{{service=\"{name}\",revision=\"{rev}\",le=\"{le}\"}} {cumulative}"
                 );
             }
+            let _ = writeln!(
+                out,
+                "slipway_proxy_request_duration_seconds_count{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                st.requests
+            );
         }
     }
 
@@ -863,12 +878,7 @@ async fn rollback(
     Query(q): Query<RollbackQuery>,
 ) -> Result<Response, ApiError> {
     let svc = s.get(&name)?;
-    let Ok(mut ctl) = svc.controller.clone().try_lock_owned() else {
-        return Err(ApiError(
-            ErrorKind::FailedPrecondition,
-            format!("{name}: a rollout is in progress"),
-        ));
-    };
+    let mut ctl = svc.idle_controller(&name)?;
     let outcome = ctl.rollback(q.to).await;
     drop(ctl);
     s.persist(&name);
@@ -916,12 +926,7 @@ async fn scale(
         return Err(bad("replicas: must be between 1 and 100"));
     }
     let svc = s.get(&name)?;
-    let Ok(mut ctl) = svc.controller.clone().try_lock_owned() else {
-        return Err(ApiError(
-            ErrorKind::FailedPrecondition,
-            format!("{name}: a rollout is in progress"),
-        ));
-    };
+    let mut ctl = svc.idle_controller(&name)?;
     ctl.scale(q.replicas)
         .await
         .map_err(|e| ApiError(ErrorKind::FailedPrecondition, e))?;

@@ -62,6 +62,29 @@ impl Upstream {
         std::pin::Pin::new(&mut self.conn).poll(cx).is_ready()
     }
 
+    /// Opens a connection to `addr`, ready for a request.
+    async fn connect(addr: SocketAddr) -> Result<Self, String> {
+        let stream = match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("connect: {e}")),
+            Err(_) => return Err("connect timed out".into()),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let mut up = Self { sender, conn };
+        if !up.ready().await {
+            return Err("connection closed before the request".into());
+        }
+        Ok(up)
+    }
+
     /// Waits until the connection can take a request; `false` when it has closed.
     async fn ready(&mut self) -> bool {
         std::future::poll_fn(|cx| {
@@ -83,7 +106,7 @@ impl Upstream {
         std::future::poll_fn(|cx| {
             // After the connection ends, the response future resolves on its own.
             if !closed {
-                closed = std::pin::Pin::new(&mut self.conn).poll(cx).is_ready();
+                closed = self.drive(cx);
             }
             response.as_mut().poll(cx)
         })
@@ -540,45 +563,15 @@ impl Proxy {
                 },
             }
         }
-        let addr = backend.addr;
-        let stream = match tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let mut up = match Upstream::connect(backend.addr).await {
+            Ok(up) => up,
+            Err(message) => {
                 return Err(Failure {
                     unsent: Some(req),
-                    message: format!("connect: {e}"),
-                });
-            }
-            Err(_) => {
-                return Err(Failure {
-                    unsent: Some(req),
-                    message: "connect timed out".into(),
+                    message,
                 });
             }
         };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                return Err(Failure {
-                    unsent: Some(req),
-                    message: format!("handshake: {e}"),
-                });
-            }
-        };
-        let mut up = Upstream { sender, conn };
-        if !up.ready().await {
-            return Err(Failure {
-                unsent: Some(req),
-                message: "connection closed before the request".into(),
-            });
-        }
         match up.send(req).await {
             Ok(resp) => Ok((resp, up)),
             Err(mut e) => Err(Failure {

@@ -6,8 +6,9 @@
 //! directory wakes the supervisor as soon as the rename lands. Where inotify is
 //! unavailable it falls back to polling.
 //!
-//! Dropping a [`DirWatch`] closes its inotify instance, which blocks until an RCU
-//! grace period passes (5-15 ms measured here): callers drop it off the hot path.
+//! Closing an inotify instance blocks until an RCU grace period passes (5-15 ms
+//! measured here, and every start paid it), so dropping a [`DirWatch`] hands the
+//! close to the blocking pool.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
@@ -70,6 +71,16 @@ impl DirWatch {
             }
         };
         let _ = tokio::time::timeout(fallback, wait).await;
+    }
+}
+
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        if let Some(fd) = self.fd.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn_blocking(move || drop(fd));
+        }
     }
 }
 

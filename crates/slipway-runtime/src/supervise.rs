@@ -563,11 +563,7 @@ impl Runtime {
                                         i.backoff_ms = None;
                                     });
                                     tracing::debug!(container = %name, since_spawn = ?spawned.elapsed(), "runc started the process");
-                                    // Closing an inotify instance waits for an RCU grace
-                                    // period (5-15 ms here): never on the start's path.
-                                    if let Some(w) = watch.take() {
-                                        tokio::task::spawn_blocking(move || drop(w));
-                                    }
+                                    watch = None;
                                 }
                             } else if polls.is_multiple_of(10) {
                                 self.rotate_log(&dir);
@@ -575,9 +571,7 @@ impl Runtime {
                         }
                     }
                 };
-                if let Some(w) = watch.take() {
-                    tokio::task::spawn_blocking(move || drop(w));
-                }
+                drop(watch);
                 let code = status.ok().and_then(|s| {
                     use std::os::unix::process::ExitStatusExt;
                     s.code().or_else(|| s.signal().map(|sig| 128 + sig))
