@@ -20,6 +20,7 @@
 //! namespaces under a cgroup.
 
 pub mod bundle;
+mod cgroupwarm;
 pub mod image;
 mod pidwatch;
 pub mod rootfs;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::RuntimeError;
 use crate::bundle::{self, BundleConfig};
+use crate::cgroupwarm::MigrationWarmer;
 use crate::image::{self, ResolvedImage};
 use crate::pidwatch::DirWatch;
 use crate::rootfs::{self, RootfsKind};
@@ -123,6 +124,7 @@ pub struct Runtime {
     store: Arc<Store>,
     containers: Mutex<BTreeMap<String, Arc<Ctr>>>,
     unpack_lock: tokio::sync::Mutex<()>,
+    warmer: MigrationWarmer,
 }
 
 fn now_ms() -> u64 {
@@ -190,6 +192,7 @@ impl Runtime {
             store,
             containers: Mutex::default(),
             unpack_lock: tokio::sync::Mutex::new(()),
+            warmer: MigrationWarmer::detect(Path::new("/sys/fs/cgroup")),
         }))
     }
 
@@ -296,6 +299,9 @@ impl Runtime {
             return Err(RuntimeError::PortInUse(port));
         }
         let t0 = tokio::time::Instant::now();
+        // Start the cgroup lock's grace period now, under the image and bundle work;
+        // the kick before runc's spawn then finds this one still waiting.
+        self.warmer.kick();
         let img = self.resolve(&req.image).await?;
         let lowers = self.ensure_snapshots(&img).await?;
         tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "image resolved and unpacked");
@@ -526,6 +532,8 @@ impl Runtime {
                 let _ = fs::remove_file(&pid_file);
                 // Watch before runc starts, so the pid file's arrival cannot be missed.
                 let mut watch = Some(DirWatch::new(&dir));
+                // runc's move into the container's cgroup finds the lock warm.
+                self.warmer.kick();
                 let spawned = std::time::Instant::now();
                 let mut child = match runc.run(&id, &dir.join("bundle"), &pid_file, &log) {
                     Ok(c) => c,
