@@ -79,6 +79,8 @@ impl RuntimeError {
     /// How this error is classified.
     pub fn kind(&self) -> ErrorKind {
         match self {
+            // Writing a snapshot fails for the host's reasons, not the layer's.
+            Self::Unpack(unpack::UnpackError::Write { source, .. }) => io_kind(source),
             Self::InvalidSpec(_)
             | Self::NoPlatform(_)
             | Self::ImageInvalid(_)
@@ -87,8 +89,19 @@ impl RuntimeError {
             Self::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Self::PortInUse(_) | Self::Running(_) => ErrorKind::FailedPrecondition,
             Self::Runc(runc::RuncError::Missing(_)) => ErrorKind::Unavailable,
-            Self::Io(_, e) if e.raw_os_error() == Some(28) => ErrorKind::ResourceExhausted,
-            Self::Runc(_) | Self::Bundle(_) | Self::Io(..) => ErrorKind::Internal,
+            Self::Io(_, e) => io_kind(e),
+            Self::Runc(_) | Self::Bundle(_) => ErrorKind::Internal,
         }
+    }
+}
+
+/// A full disk (or quota) is the host running out of space; other I/O errors are
+/// internal.
+fn io_kind(e: &std::io::Error) -> ErrorKind {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            ErrorKind::ResourceExhausted
+        }
+        _ => ErrorKind::Internal,
     }
 }

@@ -164,6 +164,23 @@ fn link_target<R: Read>(
         })
 }
 
+/// A writer that remembers whether a write failed, so that an error from `io::copy`
+/// can be blamed on the right side.
+struct WriteSide<W> {
+    inner: W,
+    failed: bool,
+}
+
+impl<W: io::Write> io::Write for WriteSide<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|_| self.failed = true)
+    }
+}
+
 fn remove_existing(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
@@ -324,10 +341,21 @@ fn apply_entry<R: Read>(
                 .create_new(true)
                 .open(&path)
                 .map_err(write_err)?;
-            io::copy(entry, &mut f).map_err(|source| UnpackError::Corrupt {
-                layer: layer.clone(),
-                source,
-            })?;
+            // A failed read is the layer's fault; a failed write (a full disk) is not.
+            let mut out = WriteSide {
+                inner: &mut f,
+                failed: false,
+            };
+            if let Err(source) = io::copy(entry, &mut out) {
+                return Err(if out.failed {
+                    write_err(source)
+                } else {
+                    UnpackError::Corrupt {
+                        layer: layer.clone(),
+                        source,
+                    }
+                });
+            }
         }
         tar::EntryType::Symlink => {
             let target = link_target(entry, layer)?

@@ -549,6 +549,42 @@ pub fn cli(bin: &str, server: &TestServer, args: &[&str]) -> (i32, String, Strin
     (code, out.join().unwrap_or_default(), err)
 }
 
+/// A small tmpfs, for full-disk tests, unmounted on drop (needs root).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"3m"`) on `dir`, which is created.
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("tmpfs mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mounting a tmpfs needs root");
+        Self(dir.to_owned())
+    }
+
+    /// Fills the filesystem with a file of zeros until only `left` bytes are free.
+    pub fn fill_leaving(&self, left: u64) {
+        let st = nix::sys::statvfs::statvfs(&self.0).expect("statvfs");
+        let free = st.blocks_available() * st.fragment_size();
+        let size = usize::try_from(free.saturating_sub(left)).expect("size");
+        std::fs::write(self.0.join("filler"), vec![0u8; size]).expect("fill the tmpfs");
+    }
+
+    /// Frees what [`Tmpfs::fill_leaving`] took.
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.0.join("filler")).expect("remove the filler");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// How long [`cli`] lets one command run.
 pub const CLI_DEADLINE: Duration = Duration::from_secs(120);
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use slipway_testkit::{TestServer, cli, free_port, http_get, poll, sha256};
+use slipway_testkit::{TestServer, Tmpfs, cli, free_port, http_get, poll, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
@@ -281,6 +281,97 @@ fn hostile_tar() -> Vec<u8> {
     h.set_cksum();
     b.append(&h, &b"owned"[..]).expect("append");
     b.into_inner().expect("tar")
+}
+
+#[test]
+fn a_full_disk_during_unpack_is_reported_as_such_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let disk = Tmpfs::mount(&dir.path().join("small"), "24m");
+    let s = TestServer::start_on(BIN, &dir.path().join("small/data"), &[]);
+    // 6 MB that gzip cannot shrink: stored as ~6 MB, unpacked as 6 MB more.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..6_000_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect();
+    let file = dir.path().join("noise.bin");
+    std::fs::write(&file, &noise).expect("write noise");
+    let input = format!("{}:/noise.bin", file.display());
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            "noisy:1",
+            "--entrypoint",
+            "/bin/busybox",
+            "/bin/busybox:/bin/busybox",
+            &input,
+        ],
+    );
+    assert_eq!(code, 0, "pack: {err}");
+
+    disk.fill_leaving(2 << 20);
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &["run", "--name", "noisy", "noisy:1", "--", "true"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        !err.contains("corrupt"),
+        "a full disk is not a bad layer: {err}"
+    );
+    let runtime = s.data.join("runtime");
+    assert!(!runtime.join("containers/noisy").exists());
+    let snapshots: Vec<_> = std::fs::read_dir(runtime.join("snapshots/sha256"))
+        .expect("snapshots")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(
+        snapshots.is_empty(),
+        "half-written snapshots: {snapshots:?}"
+    );
+    let admin = s.request(
+        "POST",
+        "/api/v1/containers",
+        &[("content-type", "application/json")],
+        br#"{"image":"noisy:1","name":"noisy","command":["true"]}"#,
+    );
+    assert_eq!(
+        admin.status,
+        507,
+        "{}",
+        String::from_utf8_lossy(&admin.body)
+    );
+
+    // With space back, the same image unpacks whole and runs.
+    disk.unfill();
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "noisy",
+            "noisy:1",
+            "--",
+            "sh",
+            "-c",
+            "wc -c < /noise.bin",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "6000000");
+    rm_and_assert_gone(&s, "noisy", false, None);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use slipway_testkit::{TestServer, open_request, poll, read_response, sha256};
+use slipway_testkit::{TestServer, Tmpfs, open_request, poll, read_response, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
@@ -437,27 +437,11 @@ fn metrics_report_requests_bytes_uploads_and_storage() {
     );
 }
 
-/// A small tmpfs mounted for one test and unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_answers_507_and_keeps_serving_without_corruption() {
     let dir = tempfile::tempdir().expect("tmp");
     let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .expect("mount");
-    assert!(ok.success(), "mounting a tmpfs needs root");
-    let _guard = Tmpfs(mnt.clone());
+    let _tmpfs = Tmpfs::mount(&mnt, "3m");
     let s = TestServer::start_on(BIN, &mnt.join("data"), &[]);
     let small = s.push_blob("disk/app", b"fits");
     let big = vec![3u8; 4 * 1024 * 1024];
