@@ -226,11 +226,19 @@ impl Source {
                 std::fs::create_dir_all(cache)
                     .map_err(|e| RuntimeError::Io("create download cache".into(), e))?;
                 let path = cache.join(format!("{}.{}", layer.hex(), uuid::Uuid::new_v4()));
-                client
-                    .get_blob_to_file(repo.as_str(), layer, &path)
-                    .await
-                    .map_err(|e| RuntimeError::ImageNotFound(format!("layer {layer}: {e}")))?;
-                Ok(path)
+                match client.get_blob_to_file(repo.as_str(), layer, &path).await {
+                    Ok(_) => Ok(path),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        Err(match e {
+                            // Writing the download failed here (a full disk, say).
+                            slipway_image::client::ClientError::Io(e) => {
+                                RuntimeError::Io(format!("download layer {layer}"), e)
+                            }
+                            e => RuntimeError::ImageNotFound(format!("layer {layer}: {e}")),
+                        })
+                    }
+                }
             }
         }
     }

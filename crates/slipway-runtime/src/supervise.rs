@@ -127,6 +127,34 @@ pub struct Runtime {
     warmer: MigrationWarmer,
 }
 
+/// Removes what a daemon killed mid-unpack or mid-download left: temporary snapshot
+/// directories (`snapshots/tmp-*`, never renamed into place) and partial downloads.
+/// Nothing refers to either, and only one daemon opens a data directory.
+fn sweep_leftovers(root: &Path) {
+    let stale = |dir: PathBuf, keep: fn(&str) -> bool| {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if keep(&name.to_string_lossy()) {
+                continue;
+            }
+            let path = entry.path();
+            let r = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a leftover of an interrupted start")
+                }
+                Err(e) => tracing::warn!(path = %path.display(), "cannot remove a leftover: {e}"),
+            }
+        }
+    };
+    stale(root.join("snapshots"), |n| !n.starts_with("tmp-"));
+    stale(root.join("downloads"), |_| false);
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -187,6 +215,7 @@ impl Runtime {
         ] {
             fs::create_dir_all(cfg.root.join(d)).map_err(io("create runtime directories"))?;
         }
+        sweep_leftovers(&cfg.root);
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -833,5 +862,41 @@ impl Runtime {
     /// re-adopted by the next daemon.
     pub fn detach(&self) {
         lock(&self.containers).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_an_interrupted_start_are_swept_and_snapshots_kept() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let root = root.path();
+        let snapshot = root.join("snapshots/sha256/ab12");
+        let half = root.join("snapshots/tmp-1234/usr/bin");
+        fs::create_dir_all(&snapshot).expect("snapshot");
+        fs::write(snapshot.join("kept"), b"x").expect("snapshot file");
+        fs::create_dir_all(&half).expect("half-unpacked layer");
+        fs::write(half.join("tool"), b"half").expect("half-unpacked file");
+        fs::create_dir_all(root.join("downloads")).expect("downloads");
+        fs::write(root.join("downloads/ab12.partial"), b"part").expect("partial download");
+
+        sweep_leftovers(root);
+
+        assert!(
+            snapshot.join("kept").is_file(),
+            "a finished snapshot is kept"
+        );
+        let names = |d: &str| -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(root.join(d))
+                .expect("list")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names("snapshots"), ["sha256"]);
+        assert!(names("downloads").is_empty());
     }
 }
