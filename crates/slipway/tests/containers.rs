@@ -130,7 +130,20 @@ fn packed_hello_runs_answers_stops_gracefully_and_leaves_nothing() {
         (64u64 << 20).to_string()
     );
     let (_, ps, _) = cli(BIN, &s, &["ps"]);
-    assert!(ps.contains("web") && ps.contains("running"), "{ps}");
+    // The status says for how long: "running 2s".
+    let row: Vec<&str> = ps
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no row for web: {ps}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(2), Some(&"running"), "{ps}");
+    assert!(
+        row.get(3)
+            .and_then(|a| a.strip_suffix('s'))
+            .is_some_and(|n| n.parse::<u64>().is_ok()),
+        "{ps}"
+    );
 
     let (code, out, _) = cli(BIN, &s, &["stop", "web"]);
     assert_eq!(code, 0);

@@ -68,6 +68,32 @@ fn status_word(c: &ContainerInfo) -> String {
     }
 }
 
+/// The status with how long it has held, as `ps` shows it: "running 5m",
+/// "exited (1) 3s ago".
+fn status_with_age(c: &ContainerInfo, now_ms: u64) -> String {
+    let word = status_word(c);
+    match c.status {
+        Status::Running => c.started_at_ms.map_or(word.clone(), |t| {
+            format!("{word} {}", short_duration(now_ms.saturating_sub(t)))
+        }),
+        Status::Exited | Status::Stopped => c.finished_at_ms.map_or(word.clone(), |t| {
+            format!("{word} {} ago", short_duration(now_ms.saturating_sub(t)))
+        }),
+        Status::Restarting | Status::Created => word,
+    }
+}
+
+/// A duration in its largest whole unit: 45s, 12m, 3h, 2d.
+fn short_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 /// `slipway run`. Returns the process exit code.
 pub async fn run(client: &AdminClient, a: RunArgs) -> anyhow::Result<i32> {
     let req = RunRequest {
@@ -126,6 +152,9 @@ pub async fn ps(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let list: Vec<ContainerInfo> = serde_json::from_value(v)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     println!(
         "{:<20} {:<32} {:<28} {:>8} {:>8} {:>6}",
         "NAME", "IMAGE", "STATUS", "PID", "RESTARTS", "PORT"
@@ -135,7 +164,7 @@ pub async fn ps(client: &AdminClient, json: bool) -> anyhow::Result<()> {
             "{:<20} {:<32} {:<28} {:>8} {:>8} {:>6}",
             c.name,
             c.spec.image,
-            status_word(&c),
+            status_with_age(&c, now_ms),
             c.pid.map_or("-".to_owned(), |p| p.to_string()),
             c.restart_count,
             c.spec.port.map_or("-".to_owned(), |p| p.to_string())
@@ -179,4 +208,19 @@ pub async fn logs(client: &AdminClient, name: &str, follow: bool) -> anyhow::Res
     let path = format!("/api/v1/containers/{name}/logs?follow={follow}");
     let mut out = std::io::stdout();
     client.stream_to(&path, &mut out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_show_their_largest_whole_unit() {
+        assert_eq!(short_duration(0), "0s");
+        assert_eq!(short_duration(59_999), "59s");
+        assert_eq!(short_duration(60_000), "1m");
+        assert_eq!(short_duration(3_599_000), "59m");
+        assert_eq!(short_duration(7_200_000), "2h");
+        assert_eq!(short_duration(3 * 86_400_000), "3d");
+    }
 }

@@ -233,7 +233,10 @@ pub async fn ls(server_host: &str, json: bool) -> anyhow::Result<()> {
             r["repository"].as_str().unwrap_or(""),
             r["tag"].as_str().unwrap_or(""),
             &d[..d.len().min(19)],
+            // The layers' compressed size, as stored.
             r["size"]
+                .as_u64()
+                .map_or_else(String::new, |n| indicatif::HumanBytes(n).to_string())
         );
     }
     Ok(())
