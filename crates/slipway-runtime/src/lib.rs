@@ -79,8 +79,13 @@ impl RuntimeError {
     /// How this error is classified.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            // Writing a snapshot fails for the host's reasons, not the layer's.
-            Self::Unpack(unpack::UnpackError::Write { source, .. }) => io_kind(source),
+            // A full disk while writing a snapshot is the host's doing; other write
+            // errors (a hardlink to a directory, say) come from what the layer holds.
+            Self::Unpack(unpack::UnpackError::Write { source, .. })
+                if io_kind(source) == ErrorKind::ResourceExhausted =>
+            {
+                ErrorKind::ResourceExhausted
+            }
             Self::InvalidSpec(_)
             | Self::NoPlatform(_)
             | Self::ImageInvalid(_)
