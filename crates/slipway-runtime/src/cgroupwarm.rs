@@ -15,159 +15,221 @@
 //! The kernel's `favordynmods` mount option gets the same effect for every writer,
 //! but it is a host-wide setting that Slipway has no business changing.
 //!
-//! Only cgroup v1 has the per-thread `tasks` file that lets one thread move alone.
-//! On a host without it the warmer does nothing.
+//! On cgroup v1 one thread moves alone (its tid into its hierarchy's `tasks` file).
+//! On a v2-only host the whole process moves into its own cgroup (`cgroup.procs`),
+//! also a no-op. With neither mounted the warmer does nothing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Where a warm-up moves what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// v1: the calling thread, into this `tasks` file's cgroup.
+    Thread(PathBuf),
+    /// v2: the whole process, into this `cgroup.procs` file's cgroup.
+    Process(PathBuf),
+}
+
 /// Warms the cgroup migration lock ahead of a container start.
 #[derive(Debug)]
 pub struct MigrationWarmer {
-    /// The `tasks` file of this process's cgroup in one v1 hierarchy.
-    tasks: Option<PathBuf>,
+    /// This process's own cgroup, if one is mounted.
+    target: Option<Target>,
     /// A warm-up already waiting covers every start that begins meanwhile.
     in_flight: Arc<AtomicBool>,
 }
 
 impl MigrationWarmer {
-    /// Finds this process's cgroup in a mounted v1 hierarchy under `mount_root`
-    /// (normally `/sys/fs/cgroup`), from `/proc/self/cgroup`.
+    /// Finds this process's cgroup under `mount_root` (normally `/sys/fs/cgroup`),
+    /// from `/proc/self/cgroup`: a v1 hierarchy if any is mounted, else v2.
     pub fn detect(mount_root: &Path) -> Self {
-        let tasks = std::fs::read_to_string("/proc/self/cgroup")
+        let target = std::fs::read_to_string("/proc/self/cgroup")
             .ok()
-            .and_then(|s| tasks_file(&s, mount_root));
-        tracing::debug!(?tasks, "cgroup migration warm-up");
+            .and_then(|s| own_cgroup(&s, mount_root));
+        tracing::debug!(?target, "cgroup migration warm-up");
         Self {
-            tasks,
+            target,
             in_flight: Arc::default(),
         }
     }
 
-    /// The `tasks` file warm-ups write to, if any.
-    #[cfg(test)]
-    fn tasks_file(&self) -> Option<&Path> {
-        self.tasks.as_deref()
-    }
-
     /// Starts a warm-up on the blocking pool and returns at once. Returns the
     /// handle of the warm-up it started (none when one is already waiting, or
-    /// there is no v1 hierarchy).
+    /// no cgroup is mounted).
     pub fn kick(&self) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
-        let tasks = self.tasks.clone()?;
+        let target = self.target.clone()?;
         if self.in_flight.swap(true, Ordering::AcqRel) {
             return None;
         }
         let in_flight = self.in_flight.clone();
         Some(tokio::task::spawn_blocking(move || {
-            let r = migrate_self(&tasks);
+            let r = migrate_self(&target);
             in_flight.store(false, Ordering::Release);
             if let Err(e) = &r {
-                tracing::debug!(path = %tasks.display(), "cgroup warm-up failed: {e}");
+                tracing::debug!(?target, "cgroup warm-up failed: {e}");
             }
             r
         }))
     }
 }
 
-/// Moves the calling thread into the cgroup whose `tasks` file is `tasks` (its
-/// own). The tid must be written explicitly: "0" would skip the global lock.
-fn migrate_self(tasks: &Path) -> std::io::Result<()> {
-    let tid = nix::unistd::gettid();
-    let mut f = std::fs::OpenOptions::new().write(true).open(tasks)?;
-    f.write_all(tid.to_string().as_bytes())
+/// Moves the calling thread (v1) or this process (v2) into the cgroup it is already
+/// in. The id must be written explicitly: "0" would skip the global lock on v1.
+fn migrate_self(target: &Target) -> std::io::Result<()> {
+    let (file, id) = match target {
+        Target::Thread(f) => (f, nix::unistd::gettid()),
+        Target::Process(f) => (f, nix::unistd::getpid()),
+    };
+    let mut f = std::fs::OpenOptions::new().write(true).open(file)?;
+    f.write_all(id.to_string().as_bytes())
 }
 
-/// The `tasks` file for the first v1 hierarchy listed in `proc_cgroup` (the text of
-/// `/proc/self/cgroup`) that is mounted under `mount_root`.
-fn tasks_file(proc_cgroup: &str, mount_root: &Path) -> Option<PathBuf> {
-    proc_cgroup.lines().find_map(|line| {
+/// This process's cgroup given `proc_cgroup` (the text of `/proc/self/cgroup`): the
+/// first v1 hierarchy listed that is mounted under `mount_root`, else the v2
+/// hierarchy mounted at `mount_root` (v2-only hosts) or `mount_root/unified`
+/// (hybrid ones).
+fn own_cgroup(proc_cgroup: &str, mount_root: &Path) -> Option<Target> {
+    let mut v2 = None;
+    for line in proc_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
-        let (_id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        // The v2 line has no controllers; named v1 hierarchies mount under their name.
-        if controllers.is_empty() || !path.starts_with('/') || path.contains("/..") {
-            return None;
+        let (Some(_id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        // A path outside this cgroup namespace ("/../..") cannot be written to.
+        if !path.starts_with('/') || path.contains("/..") {
+            continue;
         }
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            v2 = [mount_root.to_owned(), mount_root.join("unified")]
+                .into_iter()
+                .find(|m| m.join("cgroup.controllers").is_file())
+                .map(|m| m.join(rel).join("cgroup.procs"))
+                .filter(|f| f.is_file());
+            continue;
+        }
+        // Named v1 hierarchies ("name=systemd") mount under their name.
         let dir = controllers.strip_prefix("name=").unwrap_or(controllers);
-        let file = mount_root
-            .join(dir)
-            .join(path.trim_start_matches('/'))
-            .join("tasks");
-        file.is_file().then_some(file)
-    })
+        let tasks = mount_root.join(dir).join(rel).join("tasks");
+        if tasks.is_file() {
+            return Some(Target::Thread(tasks));
+        }
+    }
+    v2.map(Target::Process)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn touch(root: &Path, rel: &str) -> PathBuf {
+        let f = root.join(rel);
+        std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&f, "").expect("touch");
+        f
+    }
+
     #[test]
-    fn finds_the_tasks_file_of_the_first_mounted_v1_hierarchy() {
-        let root = tempfile::tempdir().expect("test setup");
-        std::fs::create_dir_all(root.path().join("pids/svc")).expect("test setup");
-        std::fs::write(root.path().join("pids/svc/tasks"), "").expect("test setup");
-        std::fs::create_dir_all(root.path().join("systemd")).expect("test setup");
-        std::fs::write(root.path().join("systemd/tasks"), "").expect("test setup");
+    fn the_first_mounted_v1_hierarchy_wins() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let pids = touch(root.path(), "pids/svc/tasks");
+        let systemd = touch(root.path(), "systemd/tasks");
+        touch(root.path(), "unified/cgroup.controllers");
+        touch(root.path(), "unified/cgroup.procs");
         let text = "0::/\n9:cpuset:/\n8:pids:/svc\n7:name=systemd:/\n";
-        // cpuset is listed first but not mounted here, so pids is chosen.
-        assert_eq!(
-            tasks_file(text, root.path()),
-            Some(root.path().join("pids/svc/tasks"))
-        );
+        // cpuset is listed first but not mounted here, so pids is chosen over v2.
+        assert_eq!(own_cgroup(text, root.path()), Some(Target::Thread(pids)));
         let named = "0::/\n7:name=systemd:/\n";
         assert_eq!(
-            tasks_file(named, root.path()),
-            Some(root.path().join("systemd/tasks"))
+            own_cgroup(named, root.path()),
+            Some(Target::Thread(systemd))
         );
     }
 
     #[test]
-    fn a_v2_only_host_gets_no_tasks_file() {
-        let root = tempfile::tempdir().expect("test setup");
-        assert_eq!(tasks_file("0::/user.slice\n", root.path()), None);
-        assert_eq!(tasks_file("", root.path()), None);
+    fn a_v2_only_host_moves_the_process_in_its_own_cgroup() {
+        let root = tempfile::tempdir().expect("tempdir");
+        touch(root.path(), "cgroup.controllers");
+        let procs = touch(root.path(), "system.slice/slipway.service/cgroup.procs");
+        assert_eq!(
+            own_cgroup("0::/system.slice/slipway.service\n", root.path()),
+            Some(Target::Process(procs))
+        );
+        // Not mounted, or no cgroups at all: nothing to warm.
+        let bare = tempfile::tempdir().expect("tempdir");
+        assert_eq!(own_cgroup("0::/user.slice\n", bare.path()), None);
+        assert_eq!(own_cgroup("", root.path()), None);
     }
 
     #[test]
-    fn a_path_climbing_out_of_the_hierarchy_is_ignored() {
-        let root = tempfile::tempdir().expect("test setup");
-        std::fs::create_dir_all(root.path().join("pids")).expect("test setup");
-        std::fs::write(root.path().join("tasks"), "").expect("test setup");
-        assert_eq!(tasks_file("8:pids:/../\n", root.path()), None);
+    fn a_path_outside_the_cgroup_namespace_is_ignored() {
+        let root = tempfile::tempdir().expect("tempdir");
+        touch(root.path(), "tasks");
+        touch(root.path(), "cgroup.controllers");
+        touch(root.path(), "cgroup.procs");
+        assert_eq!(own_cgroup("8:pids:/../\n0::/../..\n", root.path()), None);
     }
 
-    /// The warm-up is a real migration on this host, and it must leave the
-    /// process exactly where it was.
-    #[tokio::test]
-    async fn a_warm_up_leaves_every_thread_in_its_cgroups() {
-        let warmer = MigrationWarmer::detect(Path::new("/sys/fs/cgroup"));
-        let Some(file) = warmer.tasks_file() else {
-            // Only a host without cgroup v1 gets here; the warmer is then inert.
-            assert!(warmer.kick().is_none());
-            return;
-        };
-        assert!(file.is_file());
+    /// Every thread's cgroups, as the kernel reports them.
+    fn cgroups_of_every_thread() -> Vec<String> {
+        let mut all: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .expect("own threads")
+            .map(|t| {
+                std::fs::read_to_string(t.expect("thread").path().join("cgroup"))
+                    .expect("thread cgroups")
+            })
+            .collect();
+        all.dedup();
+        all
+    }
+
+    /// Warm-ups are real migrations on this host, and they must leave every thread
+    /// exactly where it was.
+    async fn assert_warm_ups_move_nothing(warmer: &MigrationWarmer) {
         let before = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
         let first = warmer.kick().expect("a warm-up starts");
         first
             .await
             .expect("join")
             .expect("the no-op migration is allowed");
-        // The thread that moved is still alive (the blocking pool keeps it), and it,
-        // like every other thread, is in the process's cgroups.
-        for task in std::fs::read_dir("/proc/self/task").expect("own threads") {
-            let task = task.expect("thread entry").path();
-            assert_eq!(
-                std::fs::read_to_string(task.join("cgroup")).expect("thread cgroups"),
-                before,
-                "{} moved",
-                task.display()
-            );
-        }
+        // The thread that moved is still alive (the blocking pool keeps it).
+        assert_eq!(cgroups_of_every_thread(), std::slice::from_ref(&before));
         // The flag is cleared, so the next start gets a warm-up of its own.
         let second = warmer.kick().expect("a second warm-up starts");
         second.await.expect("join").expect("second warm-up");
+        assert_eq!(cgroups_of_every_thread(), [before]);
+    }
+
+    #[tokio::test]
+    async fn a_warm_up_leaves_every_thread_in_its_cgroups() {
+        let warmer = MigrationWarmer::detect(Path::new("/sys/fs/cgroup"));
+        if warmer.target.is_none() {
+            // Only a host without any cgroup mount gets here; the warmer is inert.
+            assert!(warmer.kick().is_none());
+            return;
+        }
+        assert_warm_ups_move_nothing(&warmer).await;
+    }
+
+    /// The v2 path, through this host's v2 hierarchy even where v1 is preferred.
+    #[tokio::test]
+    async fn a_v2_warm_up_leaves_the_process_in_its_cgroup() {
+        let text = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
+        let v2_only: String = text.lines().filter(|l| l.starts_with("0::")).collect();
+        let Some(target) = own_cgroup(&v2_only, Path::new("/sys/fs/cgroup")) else {
+            // A host without cgroup v2 has nothing to test here.
+            assert!(!Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists());
+            return;
+        };
+        assert!(matches!(target, Target::Process(_)), "{target:?}");
+        let warmer = MigrationWarmer {
+            target: Some(target),
+            in_flight: Arc::default(),
+        };
+        assert_warm_ups_move_nothing(&warmer).await;
     }
 }
