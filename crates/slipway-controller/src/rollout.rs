@@ -139,11 +139,7 @@ impl Control {
 /// Called with the state after every change, so a crash mid-rollout loses nothing.
 pub type Persist = Arc<dyn Fn(&ServiceState) + Send + Sync>;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use slipway_core::now_ms;
 
 /// Grace between SIGTERM and SIGKILL when stopping a drained instance.
 const STOP_GRACE: Duration = Duration::from_secs(10);

@@ -38,6 +38,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     Ok(total)
 }
 
+/// Milliseconds since the Unix epoch. Persisted timestamps are wall-clock, not
+/// monotonic, so that they mean the same after a restart.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();

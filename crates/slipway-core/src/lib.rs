@@ -16,6 +16,6 @@ mod name;
 pub mod service;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
-pub use duration::{DurationError, format_duration, parse_duration};
+pub use duration::{DurationError, format_duration, now_ms, parse_duration};
 pub use error::ErrorKind;
 pub use name::{NameError, Reference, ReferenceError, RepoName, Tag};

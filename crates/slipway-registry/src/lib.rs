@@ -114,9 +114,7 @@ impl Registry {
         digest: String,
         media_type: String,
     ) {
-        let timestamp_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let timestamp_ms = slipway_core::now_ms();
         // No subscriber is fine: events are best-effort notifications.
         let _ = self.events.send(RegistryEvent {
             action,

@@ -155,11 +155,7 @@ fn sweep_leftovers(root: &Path) {
     stale(root.join("downloads"), |_| false);
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use slipway_core::now_ms;
 
 fn io(ctx: &str) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
     move |e| RuntimeError::Io(ctx.to_owned(), e)

@@ -30,7 +30,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use slipway_core::Digest;
@@ -120,14 +119,7 @@ impl Store {
     }
 }
 
-/// Milliseconds since the Unix epoch: persisted timestamps must survive restarts, so
-/// they are wall-clock, not monotonic.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use slipway_core::now_ms;
 
 /// Locks a mutex, recovering from poisoning: every critical section here leaves the
 /// data consistent, so a panic elsewhere must not wedge the registry.

@@ -14,7 +14,8 @@ fn pack_hello(s: &TestServer, tag: &str, version: &str) {
     slipway_testkit::pack_hello(BIN, s, tag, version);
 }
 
-/// Packs busybox-static as `tag`, entrypoint `/bin/busybox`, with extra pack flags.
+/// Packs busybox-static as `tag`, entrypoint `/bin/busybox`, with extra pack
+/// arguments (flags, or more inputs).
 fn pack_busybox(s: &TestServer, tag: &str, extra: &[&str]) {
     slipway_testkit::pack(
         BIN,
@@ -313,23 +314,7 @@ fn a_full_disk_during_unpack_is_reported_as_such_and_leaves_nothing() {
         .collect();
     let file = dir.path().join("noise.bin");
     std::fs::write(&file, &noise).expect("write noise");
-    let input = format!("{}:/noise.bin", file.display());
-    let (code, _, err) = cli(
-        BIN,
-        &s,
-        &[
-            "image",
-            "pack",
-            "-q",
-            "--tag",
-            "noisy:1",
-            "--entrypoint",
-            "/bin/busybox",
-            "/bin/busybox:/bin/busybox",
-            &input,
-        ],
-    );
-    assert_eq!(code, 0, "pack: {err}");
+    pack_busybox(&s, "noisy:1", &[&format!("{}:/noise.bin", file.display())]);
 
     disk.fill_leaving(2 << 20);
     let (code, _, err) = cli(

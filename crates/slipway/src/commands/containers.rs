@@ -152,9 +152,7 @@ pub async fn ps(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let list: Vec<ContainerInfo> = serde_json::from_value(v)?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now_ms = slipway_core::now_ms();
     println!(
         "{:<20} {:<32} {:<28} {:>8} {:>8} {:>6}",
         "NAME", "IMAGE", "STATUS", "PID", "RESTARTS", "PORT"
