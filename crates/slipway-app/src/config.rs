@@ -42,6 +42,27 @@ pub struct FileConfig {
     /// Running containers.
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// `[services]`
+    #[serde(default)]
+    pub services: ServicesSection,
+}
+
+/// `[services]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesSection {
+    /// Ports handed to service instances, `FIRST-LAST`; must lie outside the
+    /// kernel's ephemeral range (`net.ipv4.ip_local_port_range`). Default
+    /// 20000-29999; `SLIPWAY_PORT_RANGE` overrides it.
+    pub port_range: String,
+}
+
+impl Default for ServicesSection {
+    fn default() -> Self {
+        Self {
+            port_range: "20000-29999".into(),
+        }
+    }
 }
 
 /// `[runtime]`
@@ -177,6 +198,8 @@ pub struct Settings {
     pub webhooks: Vec<WebhookConfig>,
     /// Containers.
     pub runtime: RuntimeSection,
+    /// Ports handed to service instances.
+    pub port_range: (u16, u16),
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -326,9 +349,27 @@ impl Settings {
                 ));
             }
         }
+        let range_text = std::env::var("SLIPWAY_PORT_RANGE")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .unwrap_or(file.services.port_range);
+        let port_range = crate::services::parse_range(&range_text)
+            .map_err(|e| invalid("services.port_range", e))?;
+        if let Some((lo, hi)) = crate::services::ephemeral_range()
+            && port_range.0 <= hi
+            && lo <= port_range.1
+        {
+            return Err(invalid(
+                "services.port_range",
+                format!(
+                    "{range_text} overlaps the kernel's ephemeral range {lo}-{hi} (net.ipv4.ip_local_port_range), where outgoing connections take their ports: pick a range outside it"
+                ),
+            ));
+        }
         Ok(Self {
             listen,
             data_dir,
+            port_range,
             shutdown_grace: file.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
             tls,
             registry: file.registry,

@@ -11,41 +11,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use slipway_core::ErrorKind;
-use slipway_runtime::{RunRequest, Runtime, RuntimeError};
+use slipway_runtime::{RunRequest, Runtime};
+
+use crate::api_error::ApiError;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
-/// An admin API error: `{"error":{"kind","message"}}` with a status from its kind.
-pub(crate) struct ApiError(pub ErrorKind, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, kind) = match self.0 {
-            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
-            ErrorKind::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
-            ErrorKind::FailedPrecondition => (StatusCode::CONFLICT, "failed_precondition"),
-            ErrorKind::ResourceExhausted => {
-                (StatusCode::INSUFFICIENT_STORAGE, "resource_exhausted")
-            }
-            ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        if status.is_server_error() {
-            tracing::error!("{}", self.1);
-        }
-        (
-            status,
-            axum::Json(serde_json::json!({"error": {"kind": kind, "message": self.1}})),
-        )
-            .into_response()
-    }
-}
-
-impl From<RuntimeError> for ApiError {
-    fn from(e: RuntimeError) -> Self {
-        Self(e.kind(), e.to_string())
-    }
-}
 
 pub(crate) fn router(runtime: Arc<Runtime>) -> Router {
     Router::new()
@@ -61,7 +30,7 @@ pub(crate) fn router(runtime: Arc<Runtime>) -> Router {
 
 async fn create(State(rt): State<Arc<Runtime>>, body: Bytes) -> Result<Response, ApiError> {
     let req: RunRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError(
+        ApiError::new(
             ErrorKind::InvalidArgument,
             format!("request body is not a valid run request: {e}"),
         )
@@ -95,7 +64,7 @@ async fn stop(
         .grace
         .map(|g| {
             slipway_core::parse_duration(&g)
-                .map_err(|e| ApiError(ErrorKind::InvalidArgument, format!("grace: {e}")))
+                .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, format!("grace: {e}")))
         })
         .transpose()?;
     Ok(axum::Json(rt.stop(&name, grace).await?).into_response())
@@ -132,7 +101,7 @@ async fn logs(
     let path = rt.log_path(&name)?;
     let file = tokio::fs::File::open(&path)
         .await
-        .map_err(|e| ApiError(ErrorKind::NotFound, format!("no log for {name}: {e}")))?;
+        .map_err(|e| ApiError::new(ErrorKind::NotFound, format!("no log for {name}: {e}")))?;
     if !q.follow {
         return Ok(Body::from_stream(tokio_util_stream(file)).into_response());
     }

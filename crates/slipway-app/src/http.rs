@@ -8,7 +8,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use slipway_registry::{Registry, RegistryError, RouteLabel};
+use slipway_registry::{Registry, RouteLabel};
 use slipway_store::GcOptions;
 
 use crate::metrics::AppMetrics;
@@ -30,7 +30,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", axum::routing::get(metrics))
         .with_state(state.clone())
         .merge(crate::containers::router(state.runtime.clone()))
-        .merge(crate::services::router(state.services.clone()));
+        .merge(crate::services::router(state.services.clone()))
+        .route(
+            "/api/v1/{*rest}",
+            axum::routing::any(crate::api_error::not_found),
+        );
     // The registry router is a catch-all: it serves /v2 and answers every other
     // unknown path with OCI error JSON.
     admin
@@ -64,11 +68,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn status(State(state): State<AppState>) -> Response {
-    axum::Json(serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "data_dir": state.registry.store().root(),
-        "stored_bytes": state.registry.store().stored_bytes(),
-    }))
+    axum::Json(slipway_api::ServerStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        data_dir: state.registry.store().root().display().to_string(),
+        stored_bytes: state.registry.store().stored_bytes(),
+    })
     .into_response()
 }
 
@@ -84,7 +88,21 @@ async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Resp
         ..state.gc.clone()
     };
     match tasks::gc_once(&state, opts).await {
-        Ok(report) => axum::Json(report).into_response(),
-        Err(e) => RegistryError::from(e).into_response(),
+        Ok(report) => axum::Json(slipway_api::GcReport {
+            dry_run: report.dry_run,
+            blobs: report
+                .blobs
+                .into_iter()
+                .map(|(d, n)| (d.to_string(), n))
+                .collect(),
+            manifests: report
+                .manifests
+                .into_iter()
+                .map(|(r, d)| (r, d.to_string()))
+                .collect(),
+            bytes_freed: report.bytes_freed,
+        })
+        .into_response(),
+        Err(e) => crate::api_error::ApiError::from(e).into_response(),
     }
 }

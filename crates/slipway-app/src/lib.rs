@@ -1,5 +1,5 @@
 //! `slipway serve` as a library: configuration, wiring, listeners, background tasks,
-//! lifecycle and shutdown, plus the admin API client the CLI uses.
+//! lifecycle and shutdown. (The admin API's wire types and client are `slipway-api`.)
 //!
 //! Entry points: [`config::Settings::resolve`], then [`serve`]. Integration tests and
 //! the binary run the same code.
@@ -8,7 +8,7 @@
 //! wires concrete types together. It never prints to stdout or exits the process;
 //! that is the binary's job.
 
-pub mod client;
+mod api_error;
 pub mod config;
 mod containers;
 mod http;

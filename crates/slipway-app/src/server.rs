@@ -74,8 +74,8 @@ pub async fn serve(
         Ok(n) => tracing::info!(containers = n, "recovered containers"),
         Err(e) => tracing::error!("cannot recover containers: {e}"),
     }
-    let services = crate::services::Services::new(
-        settings.data_dir.join("services"),
+    let services = crate::services::Services::open(
+        &settings.data_dir,
         runtime.clone(),
         store.clone(),
         vec![
@@ -83,8 +83,9 @@ pub async fn serve(
             format!("localhost:{port}"),
             format!("127.0.0.1:{port}"),
         ],
-    );
-    services.recover().await;
+        crate::services::Ports::new(settings.port_range.0, settings.port_range.1),
+    )?;
+    services.recover(&settings.data_dir.join("services")).await;
     tokio::spawn(services.clone().watch_registry(events.subscribe()));
     let state = AppState {
         services: services.clone(),
@@ -182,7 +183,7 @@ pub async fn serve(
     }
     while background.join_next().await.is_some() {}
     // Containers keep running; the next daemon re-adopts them.
-    services.shutdown().await;
+    services.shutdown();
     runtime.detach();
     tracing::info!("stopped");
     Ok(())

@@ -20,3 +20,37 @@ pub enum ErrorKind {
     /// A bug or an unexpected I/O failure.
     Internal,
 }
+
+impl ErrorKind {
+    /// Every kind, for tables and tests.
+    pub const ALL: [Self; 7] = [
+        Self::NotFound,
+        Self::AlreadyExists,
+        Self::InvalidArgument,
+        Self::FailedPrecondition,
+        Self::ResourceExhausted,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
+    /// The kind's name on the wire (`not_found`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
+            Self::InvalidArgument => "invalid_argument",
+            Self::FailedPrecondition => "failed_precondition",
+            Self::ResourceExhausted => "resource_exhausted",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The kind a wire name stands for; unknown names are `Internal`.
+    pub fn from_name(name: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == name)
+            .unwrap_or(Self::Internal)
+    }
+}

@@ -13,6 +13,7 @@ mod duration;
 mod error;
 pub mod media;
 mod name;
+pub mod revision;
 pub mod service;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};

@@ -76,6 +76,13 @@ pub struct ServiceSpec {
     /// Scale on requests per second per instance.
     #[serde(default)]
     pub autoscale: Option<Autoscale>,
+    /// The signal that asks an instance to stop (`SIGQUIT`, `QUIT`, `3`); default:
+    /// the image's `StopSignal`, else SIGTERM.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// Time between the stop signal and SIGKILL.
+    #[serde(default = "ten_seconds")]
+    pub stop_timeout: Dur,
 }
 
 /// `[autoscale]`: keep requests/s per instance near a target.
@@ -249,6 +256,50 @@ pub struct Trigger {
     pub poll_interval: Dur,
 }
 
+/// Signal names by number (1-31); real-time signals are `RTMIN+n` or numbers.
+const SIGNALS: [&str; 31] = [
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+    "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+];
+
+/// Parses a signal as images and users write it (`SIGTERM`, `term`, `15`,
+/// `SIGRTMIN+3`) into its Linux number.
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    let err = || {
+        format!("{s:?} is not a signal: use a name such as SIGTERM or SIGQUIT, or a number 1-64")
+    };
+    let t = s.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(err())
+        };
+    }
+    let upper = t.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Some(pos) = SIGNALS.iter().position(|n| *n == name) {
+        return i32::try_from(pos + 1).map_err(|_| err());
+    }
+    match name {
+        "IOT" => return Ok(6),
+        "POLL" => return Ok(29),
+        "RTMIN" => return Ok(34),
+        "RTMAX" => return Ok(64),
+        _ => {}
+    }
+    let rt = |prefix: &str, base: i32, sign: i32| {
+        name.strip_prefix(prefix)
+            .and_then(|n| n.parse::<i32>().ok())
+            .map(|n| base + sign * n)
+            .filter(|n| (34..=64).contains(n))
+    };
+    rt("RTMIN+", 34, 1)
+        .or_else(|| rt("RTMAX-", 64, -1))
+        .ok_or_else(err)
+}
+
 fn one() -> u32 {
     1
 }
@@ -340,6 +391,14 @@ impl ServiceSpec {
                     "names must be non-empty, without '=', and not PORT (Slipway sets it)",
                 ));
             }
+        }
+        if let Some(sig) = &self.stop_signal
+            && let Err(e) = parse_signal(sig)
+        {
+            return Err(invalid("stop_signal", e));
+        }
+        if self.stop_timeout.0 > Duration::from_secs(3600) {
+            return Err(invalid("stop_timeout", "must be at most 1h"));
         }
         if let Some(c) = self.cpus
             && !(c.is_finite() && (0.01..=1024.0).contains(&c))
@@ -472,6 +531,23 @@ impl ServiceSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_parse_by_name_with_or_without_sig_and_by_number() {
+        assert_eq!(parse_signal("SIGTERM"), Ok(15));
+        assert_eq!(parse_signal("quit"), Ok(3));
+        assert_eq!(parse_signal("9"), Ok(9));
+        assert_eq!(parse_signal("SIGRTMIN+3"), Ok(37));
+        assert_eq!(parse_signal("SIGWINCH"), Ok(28));
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("65").is_err());
+        let e = ServiceSpec::from_toml(
+            "name = \"web\"\nimage = \"hello:1\"\nstop_signal = \"SIGBOGUS\"\n[ingress]\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect_err("a bad signal is refused");
+        assert!(e.to_string().starts_with("stop_signal: "), "{e}");
+    }
 
     const FULL: &str = r#"
 name = "web"

@@ -212,12 +212,13 @@ pub struct RouteTable {
 
 /// Balancing within a revision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
 pub enum Balance {
     /// Each backend in turn.
     #[default]
-    RoundRobin,
+    RoundRobin = 0,
     /// The backend with the fewest requests in flight.
-    LeastRequests,
+    LeastRequests = 1,
 }
 
 /// A running proxy.
@@ -226,8 +227,10 @@ pub struct Proxy {
     changed: watch::Sender<u64>,
     counter: AtomicU64,
     client: Client<HttpConnector, Body>,
-    hold: Duration,
-    balance: Balance,
+    /// How long a request waits for a backend, ms; changed in place.
+    hold_ms: AtomicU64,
+    /// 0: round robin, 1: least requests; changed in place.
+    balance: std::sync::atomic::AtomicU8,
     stats: RwLock<HashMap<u64, Arc<RevisionStats>>>,
     /// Request ids are `<boot>-<counter>`: unique per process run, no syscall.
     boot: u64,
@@ -284,8 +287,8 @@ impl Proxy {
             changed: watch::channel(0).0,
             counter: AtomicU64::new(0),
             client,
-            hold,
-            balance,
+            hold_ms: AtomicU64::new(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX)),
+            balance: std::sync::atomic::AtomicU8::new(balance as u8),
             stats: RwLock::default(),
             boot: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -294,6 +297,37 @@ impl Proxy {
                 }),
             ids: AtomicU64::new(0),
         })
+    }
+
+    /// Changes the hold timeout and the balancing of the running proxy; open
+    /// connections and requests in flight are untouched.
+    pub fn configure(&self, hold: Duration, balance: Balance) {
+        self.hold_ms.store(
+            u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.balance.store(balance as u8, Ordering::Relaxed);
+    }
+
+    /// The current hold timeout and balancing.
+    pub fn settings(&self) -> (Duration, Balance) {
+        let balance = match self.balance.load(Ordering::Relaxed) {
+            1 => Balance::LeastRequests,
+            _ => Balance::RoundRobin,
+        };
+        (
+            Duration::from_millis(self.hold_ms.load(Ordering::Relaxed)),
+            balance,
+        )
+    }
+
+    /// Forgets the counters of revisions not in `keep`, so they do not grow with
+    /// every revision ever deployed.
+    pub fn retain_stats(&self, keep: &[u64]) {
+        self.stats
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r, _| keep.contains(r));
     }
 
     /// Swaps in a new route table. Backends that left it should be drained by the
@@ -414,7 +448,7 @@ impl Proxy {
         };
         // No allocation on this path: count, then walk to the chosen one.
         let usable_backend = |b: &&Arc<Backend>| !b.is_draining() && !avoid.contains(&b.addr);
-        let b = match self.balance {
+        let b = match self.settings().1 {
             Balance::RoundRobin => {
                 let count = rev.backends.iter().filter(usable_backend).count();
                 rev.backends
@@ -436,7 +470,7 @@ impl Proxy {
             return Some(p);
         }
         let mut rx = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + self.hold;
+        let deadline = tokio::time::Instant::now() + self.settings().0;
         loop {
             if let Some(p) = self.pick(pinned, &[]) {
                 return Some(p);

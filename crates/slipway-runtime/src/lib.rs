@@ -21,6 +21,7 @@
 
 pub mod bundle;
 mod cgroupwarm;
+mod durable;
 pub mod image;
 mod pidwatch;
 pub mod rootfs;

@@ -9,14 +9,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags};
 
 /// How a rootfs was made, persisted so cleanup knows what to undo.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RootfsKind {
-    /// An overlay mount over the snapshots.
-    Overlay,
-    /// A private copy.
-    Copy,
-}
+pub use slipway_api::containers::RootfsKind;
 
 /// Where the runtime always mounts something (see the bundle's mounts).
 const MOUNTPOINTS: [&str; 4] = ["proc", "dev", "sys", "tmp"];

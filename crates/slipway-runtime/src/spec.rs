@@ -1,81 +1,8 @@
 //! What a user asks to run, and its validation. Every error names the field.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
-
 use crate::RuntimeError;
 
-/// When a container is restarted after it exits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Never.
-    #[default]
-    No,
-    /// When it exits non-zero (or is killed).
-    OnFailure,
-    /// Whenever it exits, unless stopped by the user.
-    Always,
-}
-
-impl RestartPolicy {
-    /// Parses `no`, `on-failure` or `always`.
-    pub fn parse(s: &str) -> Result<Self, RuntimeError> {
-        match s {
-            "no" => Ok(Self::No),
-            "on-failure" => Ok(Self::OnFailure),
-            "always" => Ok(Self::Always),
-            other => Err(RuntimeError::InvalidSpec(format!(
-                "restart: {other:?} is not one of no, on-failure, always"
-            ))),
-        }
-    }
-}
-
-/// A request to run a container (the admin API's wire type).
-#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RunRequest {
-    /// Image reference, e.g. `hello:1.0.0` or `127.0.0.1:5000/hello:1.0.0`.
-    pub image: String,
-    /// Container name; generated when absent.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// `K=V` pairs, added to the image's environment.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// The port the workload listens on (host network); exported as `$PORT`.
-    #[serde(default)]
-    pub port: Option<u16>,
-    /// Memory limit, e.g. `64m`, `1g`, or bytes.
-    #[serde(default)]
-    pub memory: Option<String>,
-    /// CPU limit, e.g. `0.5`.
-    #[serde(default)]
-    pub cpus: Option<f64>,
-    /// Maximum number of processes.
-    #[serde(default)]
-    pub pids: Option<i64>,
-    /// Restart policy.
-    #[serde(default)]
-    pub restart: RestartPolicy,
-    /// Mount the root filesystem read-only.
-    #[serde(default)]
-    pub read_only: bool,
-    /// Named volumes: `name:/path/in/container`.
-    #[serde(default)]
-    pub volumes: Vec<String>,
-    /// Replace the image's entrypoint.
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    /// Replace the image's command.
-    #[serde(default)]
-    pub command: Option<Vec<String>>,
-    /// Labels, for the deploy controller's bookkeeping.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
+pub use slipway_api::containers::{RestartPolicy, RunRequest};
 
 /// Parses `64m`, `1g`, `512k`, `1048576` into bytes.
 pub fn parse_memory(s: &str) -> Result<i64, RuntimeError> {
@@ -157,6 +84,10 @@ pub fn validate(r: &RunRequest) -> Result<(), RuntimeError> {
         return Err(RuntimeError::InvalidSpec(format!(
             "pids: {p} must be at least 1"
         )));
+    }
+    if let Some(sig) = &r.stop_signal {
+        slipway_core::service::parse_signal(sig)
+            .map_err(|e| RuntimeError::InvalidSpec(format!("stop_signal: {e}")))?;
     }
     for v in &r.volumes {
         let Some((name, path)) = v.split_once(':') else {

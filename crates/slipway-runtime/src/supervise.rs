@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use slipway_image::ImageRef;
 use slipway_store::Store;
@@ -58,55 +57,7 @@ impl RuntimeConfig {
     }
 }
 
-/// A container's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Prepared, process not started yet.
-    Created,
-    /// The process is running.
-    Running,
-    /// Exited; waiting out the backoff before the next start.
-    Restarting,
-    /// Exited and will not be restarted.
-    Exited,
-    /// Stopped by the user.
-    Stopped,
-}
-
-/// What the API reports about a container (also its persisted state).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContainerInfo {
-    /// Name (unique).
-    pub name: String,
-    /// The OCI runtime's container id (and cgroup leaf): unique per creation, so two
-    /// daemons or two lives of a name never share a cgroup.
-    pub id: String,
-    /// The request it was created from.
-    pub spec: RunRequest,
-    /// The manifest digest it runs.
-    pub image_digest: String,
-    /// State.
-    pub status: Status,
-    /// Host pid of the container's init, while running.
-    pub pid: Option<u32>,
-    /// Last exit code (128+N for signal N), if known.
-    pub exit_code: Option<i32>,
-    /// Whether the last exit was an OOM kill.
-    pub oom_killed: bool,
-    /// How many times it was restarted.
-    pub restart_count: u32,
-    /// The current backoff before the next restart, in ms.
-    pub backoff_ms: Option<u64>,
-    /// Last start, ms since the epoch.
-    pub started_at_ms: Option<u64>,
-    /// Last exit, ms since the epoch.
-    pub finished_at_ms: Option<u64>,
-    /// How the rootfs was made.
-    pub rootfs: RootfsKind,
-    /// A human note on the last transition.
-    pub message: Option<String>,
-}
+pub use slipway_api::containers::{ContainerInfo, Status};
 
 struct Ctr {
     info: Mutex<ContainerInfo>,
@@ -185,13 +136,12 @@ impl Ctr {
             i.clone()
         };
         self.status.send_replace(snapshot.status);
-        // Persist atomically: write a temp file, then rename over state.json.
-        let tmp = dir.join("state.json.tmp");
-        let ok = serde_json::to_vec_pretty(&snapshot).ok().is_some_and(|b| {
-            fs::write(&tmp, b).is_ok() && fs::rename(&tmp, dir.join("state.json")).is_ok()
-        });
-        if !ok {
-            tracing::error!(container = %snapshot.name, "cannot persist container state");
+        // Persist durably: temp file, fsync, rename over state.json, fsync the dir.
+        let written = serde_json::to_vec_pretty(&snapshot)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::durable::write(&dir.join("state.json"), &b));
+        if let Err(e) = written {
+            tracing::error!(container = %snapshot.name, "cannot persist container state: {e}");
         }
     }
 }
@@ -338,6 +288,18 @@ impl Runtime {
             _ => RuntimeError::Io("create container directory".into(), e),
         })?;
         let id = Self::new_id(&name);
+        // The request's stop signal, else the image's StopSignal, else SIGTERM.
+        let stop_signal = match req
+            .stop_signal
+            .clone()
+            .or_else(|| img.config["StopSignal"].as_str().map(str::to_owned))
+        {
+            Some(s) => slipway_core::service::parse_signal(&s).unwrap_or_else(|e| {
+                tracing::warn!(container = %name, "image StopSignal ignored: {e}");
+                15
+            }),
+            None => 15,
+        };
         match self.prepare(&name, &id, &dir, &req, &img, &lowers) {
             Ok(kind) => {
                 let info = ContainerInfo {
@@ -355,6 +317,7 @@ impl Runtime {
                     finished_at_ms: None,
                     rootfs: kind,
                     message: None,
+                    stop_signal: Some(stop_signal),
                 };
                 let ctr = Ctr::new(info);
                 ctr.update(&dir, |_| {});
@@ -708,8 +671,9 @@ impl Runtime {
         if !*done.borrow() {
             let runc = self.runc()?;
             let id = lock(&ctr.info).id.clone();
+            let signal = lock(&ctr.info).stop_signal.unwrap_or(15).to_string();
             if *ctr.status.borrow() == Status::Running {
-                let _ = runc.kill(&id, "TERM").await;
+                let _ = runc.kill(&id, &signal).await;
             }
             if tokio::time::timeout(grace, done.wait_for(|d| *d))
                 .await

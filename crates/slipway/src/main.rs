@@ -1,5 +1,6 @@
 //! The `slipway` binary: parses the command line, runs a command, decides the exit
-//! code. Everything else lives in the library crates.
+//! code (every code is in `exit.rs`). Everything else lives in the library crates;
+//! the server is reached only through `slipway-api` (and the registry's `/v2`).
 
 #![expect(
     clippy::print_stdout,
@@ -8,56 +9,86 @@
 )]
 
 mod commands;
+mod exit;
+mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use slipway_app::client::{AdminClient, DEFAULT_SERVER};
-use slipway_app::config::{ConfigError, FileConfig, Overrides, Settings};
+use slipway_api::{Client, ClientConfig, DEFAULT_SERVER};
+use slipway_app::config::{FileConfig, Overrides, Settings};
 
-/// Exit code for an invalid configuration (sysexits EX_CONFIG).
-const EX_CONFIG: u8 = 78;
+use commands::containers::{ContainerCommand, RunArgs};
+use commands::services::{DeployArgs, RollbackArgs, ScaleArgs, ServiceCommand};
+use exit::Exit;
+use output::Format;
 
 /// Image-driven deployment in one binary.
 #[derive(Parser)]
-#[command(name = "slipway", version, about)]
+#[command(name = "slipway", version, about, after_help = exit_codes_help())]
 struct Cli {
-    /// The slipway server client commands talk to.
+    /// The slipway server client commands talk to (http:// or https://).
     #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
+    /// PEM CA certificates to trust for an https server (default: the system's).
+    #[arg(long, global = true, env = "SLIPWAY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Output format of read commands and outcomes: text or json.
+    #[arg(long, short = 'o', global = true, default_value = "text")]
+    output: Format,
+    /// Same as `-o json`.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
+fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for (code, what) in Exit::TABLE {
+        s.push_str(&format!("  {:>3}  {what}\n", code as u8));
+    }
+    s
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the registry (and, later, the deployment engine).
+    /// Run the registry, the runtime and the deployment engine.
     Serve(ServeArgs),
+    /// Services: deploy, ls, status, history, rollback, scale, pause, resume,
+    /// promote, abort, rm, logs.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Containers: run, ls, stop, rm, logs, inspect.
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Build and inspect images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Show what happened (rollouts, failures, rollbacks).
+    Events {
+        /// Keep following.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this service's events.
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// Remove blobs (and, with `gc.delete_untagged`, manifests) nothing references.
     Gc {
         /// Report what would be freed without deleting anything.
         #[arg(long)]
         dry_run: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Work with configuration files.
-    Config {
-        #[command(subcommand)]
-        command: ConfigCommand,
-    },
-    /// Run an image as a container.
-    Run(commands::containers::RunArgs),
-    /// List containers.
-    Ps {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop a container: SIGTERM, then SIGKILL after the grace period.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Short for `container run`.
+    Run(Box<RunArgs>),
+    /// Short for `container ls`.
+    Ps,
+    /// Short for `container stop`.
     Stop {
         /// Container name.
         name: String,
@@ -65,16 +96,16 @@ enum Command {
         #[arg(long, short = 't')]
         time: Option<u64>,
     },
-    /// Remove a service (all its instances and its ingress), or else a container and
-    /// everything it left behind (volumes stay).
+    /// Short for `container rm`: removes a container (never a service; see
+    /// `service rm`).
     Rm {
-        /// Service or container name.
+        /// Container name.
         name: String,
         /// Stop it first if it is running.
         #[arg(long, short = 'f')]
         force: bool,
     },
-    /// Print a container's output.
+    /// Short for `container logs`.
     Logs {
         /// Container name.
         name: String,
@@ -82,76 +113,22 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
-    /// Create or update a service from a TOML spec and follow the rollout (exit 0 when
-    /// live, 2 when rolled back, 1 when failed).
-    Deploy {
-        /// The service spec.
-        file: PathBuf,
-        /// Return once the rollout has started.
-        #[arg(long)]
-        detach: bool,
-    },
-    /// Show services, their revisions, instances, weights and traffic.
+    /// Short for `service deploy`.
+    Deploy(DeployArgs),
+    /// Short for `service status`.
     Status {
         /// One service (default: all).
         service: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
-    /// List a service's revisions.
+    /// Short for `service history`.
     History {
         /// Service name.
         service: String,
     },
-    /// Go back to the previous (or a given) revision.
-    Rollback {
-        /// Service name.
-        service: String,
-        /// Revision number.
-        #[arg(long)]
-        to: Option<u64>,
-    },
-    /// Change a service's number of instances without downtime.
-    Scale {
-        /// Service name.
-        service: String,
-        /// Instances.
-        replicas: u32,
-    },
-    /// Skip a rollout's remaining steps and holds: the new revision takes all traffic.
-    Promote {
-        /// Service name.
-        service: String,
-    },
-    /// Roll the rollout in progress back now.
-    Abort {
-        /// Service name.
-        service: String,
-    },
-    /// Hold the rollout in progress at its next step.
-    Pause {
-        /// Service name.
-        service: String,
-    },
-    /// Let a paused rollout go on.
-    Resume {
-        /// Service name.
-        service: String,
-    },
-    /// List services.
-    Services,
-    /// Show what happened (rollouts, failures, rollbacks).
-    Events {
-        /// Keep following.
-        #[arg(long, short = 'f')]
-        follow: bool,
-    },
-    /// Build and inspect images.
-    Image {
-        #[command(subcommand)]
-        command: ImageCommand,
-    },
+    /// Short for `service rollback`.
+    Rollback(RollbackArgs),
+    /// Short for `service scale`.
+    Scale(ScaleArgs),
 }
 
 #[derive(Subcommand)]
@@ -159,11 +136,7 @@ enum ImageCommand {
     /// Build an image from files, directories or binaries, without a daemon, and push it.
     Pack(Box<commands::image::PackArgs>),
     /// List the images in Slipway's registry.
-    Ls {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
     /// Show an image's manifest and config as JSON.
     Inspect {
         /// Image reference.
@@ -200,7 +173,18 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                Exit::Usage
+            } else {
+                Exit::Ok
+            };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
     slipway_app::init_tracing();
     // Client commands make a request or two: a single-threaded runtime starts faster.
     let mut builder = if matches!(cli.command, Command::Serve(_)) {
@@ -212,115 +196,103 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(Exit::Error as u8);
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(0) => ExitCode::SUCCESS,
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EX_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(Exit::of_error(&e) as u8)
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = || AdminClient::new(&cli.server);
-    match cli.command {
-        Command::Run(args) => return commands::containers::run(&client()?, args).await,
-        Command::Ps { json } => commands::containers::ps(&client()?, json).await?,
-        Command::Stop { name, time } => commands::containers::stop(&client()?, &name, time).await?,
-        Command::Rm { name, force } => {
-            let c = client()?;
-            if commands::services::exists(&c, &name).await {
-                commands::services::remove(&c, &name).await?;
-            } else {
-                commands::containers::rm(&c, &name, force).await?;
-            }
+async fn run(cli: Cli) -> anyhow::Result<Exit> {
+    let format = if cli.json { Format::Json } else { cli.output };
+    let config = ClientConfig {
+        server: cli.server.clone(),
+        ca_file: cli.ca_file.clone(),
+        token: std::env::var("SLIPWAY_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    let client = || Client::new(&config);
+    use commands::{containers as ctr, services as svc};
+    let done = |()| Exit::Ok;
+    Ok(match cli.command {
+        Command::Serve(args) => serve(args).await.map(done)?,
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file).map(done)?,
+        Command::Gc { dry_run } => commands::gc(&client()?, dry_run, format).await.map(done)?,
+        Command::Events { follow, service } => {
+            svc::events(&client()?, service.as_deref(), follow, format)
+                .await
+                .map(done)?
         }
-        Command::Deploy { file, detach } => {
-            return commands::services::deploy(&client()?, &file, detach).await;
-        }
-        Command::Status { service, json } => {
-            commands::services::status(&client()?, service.as_deref(), json).await?
-        }
-        Command::History { service } => commands::services::history(&client()?, &service).await?,
-        Command::Rollback { service, to } => {
-            return commands::services::rollback(&client()?, &service, to).await;
-        }
-        Command::Scale { service, replicas } => {
-            commands::services::scale(&client()?, &service, replicas).await?
-        }
-        Command::Services => commands::services::services(&client()?).await?,
-        Command::Promote { service } => {
-            commands::services::control(&client()?, &service, "promote").await?
-        }
-        Command::Abort { service } => {
-            commands::services::control(&client()?, &service, "abort").await?
-        }
-        Command::Pause { service } => {
-            commands::services::control(&client()?, &service, "pause").await?
-        }
-        Command::Resume { service } => {
-            commands::services::control(&client()?, &service, "resume").await?
-        }
-        Command::Events { follow } => commands::services::events(&client()?, follow).await?,
-        Command::Logs { name, follow } => {
-            commands::containers::logs(&client()?, &name, follow).await?
-        }
-        Command::Image { command } => {
-            let c = client()?;
-            match command {
-                ImageCommand::Pack(args) => commands::image::pack(c.host(), *args).await?,
-                ImageCommand::Ls { json } => commands::image::ls(c.host(), json).await?,
+        Command::Service(c) => svc::run(&client()?, c, format).await?,
+        Command::Container(c) => ctr::run(&client()?, c, format).await?,
+        Command::Image(c) => {
+            let client = client()?;
+            match c {
+                ImageCommand::Pack(args) => commands::image::pack(client.host(), *args).await?,
+                ImageCommand::Ls => commands::image::ls(client.host(), format).await?,
                 ImageCommand::Inspect { reference } => {
-                    commands::image::inspect(c.host(), &reference).await?
+                    commands::image::inspect(client.host(), &reference).await?
                 }
             }
+            Exit::Ok
         }
-        other => run_admin(other, &cli.server).await?,
-    }
-    Ok(0)
+        Command::Run(a) => ctr::run(&client()?, ContainerCommand::Run(a), format).await?,
+        Command::Ps => ctr::run(&client()?, ContainerCommand::Ls, format).await?,
+        Command::Stop { name, time } => {
+            ctr::run(&client()?, ContainerCommand::Stop { name, time }, format).await?
+        }
+        Command::Rm { name, force } => {
+            ctr::run(&client()?, ContainerCommand::Rm { name, force }, format).await?
+        }
+        Command::Logs { name, follow } => {
+            ctr::run(&client()?, ContainerCommand::Logs { name, follow }, format).await?
+        }
+        Command::Deploy(a) => svc::run(&client()?, ServiceCommand::Deploy(a), format).await?,
+        Command::Status { service } => {
+            svc::run(&client()?, ServiceCommand::Status { service }, format).await?
+        }
+        Command::History { service } => {
+            svc::run(&client()?, ServiceCommand::History { service }, format).await?
+        }
+        Command::Rollback(a) => svc::run(&client()?, ServiceCommand::Rollback(a), format).await?,
+        Command::Scale(a) => svc::run(&client()?, ServiceCommand::Scale(a), format).await?,
+    })
 }
 
-async fn run_admin(command: Command, server: &str) -> anyhow::Result<()> {
-    match command {
-        Command::Serve(args) => serve(args).await,
-        Command::Gc { dry_run, json } => gc(server, dry_run, json).await,
-        Command::Config {
-            command: ConfigCommand::Check { file },
-        } => {
-            let settings = Settings::resolve(FileConfig::load(&file)?, Overrides::default())?;
-            println!("{} is valid", file.display());
-            println!("listen = {}", settings.listen);
-            println!("data_dir = {}", settings.data_dir.display());
-            println!(
-                "tls = {}",
-                if settings.tls.is_some() { "on" } else { "off" }
-            );
-            println!(
-                "gc = {} (grace {}, delete_untagged {})",
-                settings
-                    .gc
-                    .interval
-                    .map_or("on demand".to_owned(), |i| format!(
-                        "every {}",
-                        slipway_core::format_duration(i.0)
-                    )),
-                slipway_core::format_duration(settings.gc.grace_period.0),
-                settings.gc.delete_untagged
-            );
-            println!("webhooks = {}", settings.webhooks.len());
-            println!("runtime = {}", settings.runtime.binary);
-            Ok(())
-        }
-        _ => Ok(()),
-    }
+fn config_check(file: &std::path::Path) -> anyhow::Result<()> {
+    let settings = Settings::resolve(FileConfig::load(file)?, Overrides::default())?;
+    println!("{} is valid", file.display());
+    println!("listen = {}", settings.listen);
+    println!("data_dir = {}", settings.data_dir.display());
+    println!(
+        "tls = {}",
+        if settings.tls.is_some() { "on" } else { "off" }
+    );
+    println!(
+        "gc = {} (grace {}, delete_untagged {})",
+        settings
+            .gc
+            .interval
+            .map_or("on demand".to_owned(), |i| format!(
+                "every {}",
+                slipway_core::format_duration(i.0)
+            )),
+        slipway_core::format_duration(settings.gc.grace_period.0),
+        settings.gc.delete_untagged
+    );
+    println!("webhooks = {}", settings.webhooks.len());
+    println!("runtime = {}", settings.runtime.binary);
+    println!(
+        "services.port_range = {}-{}",
+        settings.port_range.0, settings.port_range.1
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -357,42 +329,4 @@ async fn shutdown_signal() {
             std::future::pending::<()>().await;
         }
     }
-}
-
-async fn gc(server: &str, dry_run: bool, json: bool) -> anyhow::Result<()> {
-    let client = AdminClient::new(server)?;
-    let path = if dry_run {
-        "/api/v1/gc?dry_run=true"
-    } else {
-        "/api/v1/gc"
-    };
-    let report = client
-        .post_json(path)
-        .await
-        .context("garbage collection failed")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    let verb = if dry_run { "would free" } else { "freed" };
-    let empty = Vec::new();
-    let blobs = report["blobs"].as_array().unwrap_or(&empty);
-    let manifests = report["manifests"].as_array().unwrap_or(&empty);
-    for m in manifests {
-        println!(
-            "manifest {}@{}",
-            m[0].as_str().unwrap_or("?"),
-            m[1].as_str().unwrap_or("?")
-        );
-    }
-    for b in blobs {
-        println!("blob {} ({} bytes)", b[0].as_str().unwrap_or("?"), b[1]);
-    }
-    println!(
-        "{verb} {} bytes: {} blobs, {} untagged manifests",
-        report["bytes_freed"],
-        blobs.len(),
-        manifests.len()
-    );
-    Ok(())
 }

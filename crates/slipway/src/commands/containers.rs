@@ -1,9 +1,76 @@
-//! `slipway run | ps | stop | rm | logs`.
+//! `slipway container …` (and the short forms `run`, `ps`, `stop`, `rm`, `logs`).
+
+#![expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the binary owns the terminal"
+)]
+
+use std::time::Duration;
 
 use anyhow::Context as _;
-use http::Method;
-use slipway_app::client::AdminClient;
-use slipway_runtime::{ContainerInfo, RestartPolicy, RunRequest, Status};
+use slipway_api::Client;
+use slipway_api::containers::{ContainerInfo, RestartPolicy, RunRequest, Status};
+
+use crate::exit::Exit;
+use crate::output::{self, Format, short_duration};
+
+/// `container …`.
+#[derive(clap::Subcommand)]
+pub enum ContainerCommand {
+    /// Run an image as a container.
+    Run(Box<RunArgs>),
+    /// List containers.
+    Ls,
+    /// Stop a container: its stop signal, then SIGKILL after the grace period.
+    Stop {
+        /// Container name.
+        name: String,
+        /// Seconds to wait before SIGKILL (default: the server's runtime.stop_grace).
+        #[arg(long, short = 't')]
+        time: Option<u64>,
+    },
+    /// Remove a container and everything it left behind (volumes stay).
+    Rm {
+        /// Container name.
+        name: String,
+        /// Stop it first if it is running.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Print a container's output.
+    Logs {
+        /// Container name.
+        name: String,
+        /// Keep following until the container is done.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Show a container's state.
+    Inspect {
+        /// Container name.
+        name: String,
+    },
+}
+
+/// Runs a `container` command.
+pub async fn run(client: &Client, c: ContainerCommand, format: Format) -> anyhow::Result<Exit> {
+    match c {
+        ContainerCommand::Run(a) => run_container(client, *a, format).await,
+        ContainerCommand::Ls => ps(client, format).await.map(|()| Exit::Ok),
+        ContainerCommand::Stop { name, time } => {
+            stop(client, &name, time, format).await.map(|()| Exit::Ok)
+        }
+        ContainerCommand::Rm { name, force } => rm(client, &name, force).await.map(|()| Exit::Ok),
+        ContainerCommand::Logs { name, follow } => {
+            let mut s = client.logs(&name, follow).await?;
+            super::services::copy_out(&mut s).await.map(|()| Exit::Ok)
+        }
+        ContainerCommand::Inspect { name } => {
+            output::json(&client.container(&name).await?).map(|()| Exit::Ok)
+        }
+    }
+}
 
 /// `slipway run` flags.
 #[derive(clap::Args)]
@@ -40,6 +107,9 @@ pub struct RunArgs {
     /// Replace the image's entrypoint (one word; the command follows `--`).
     #[arg(long)]
     pub entrypoint: Option<String>,
+    /// The signal `stop` sends first (default: the image's StopSignal, else SIGTERM).
+    #[arg(long)]
+    pub stop_signal: Option<String>,
     /// Return once started instead of following the logs.
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -83,19 +153,11 @@ fn status_with_age(c: &ContainerInfo, now_ms: u64) -> String {
     }
 }
 
-/// A duration in its largest whole unit: 45s, 12m, 3h, 2d.
-fn short_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m", s / 60),
-        3600..86_400 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86_400),
-    }
-}
-
-/// `slipway run`. Returns the process exit code.
-pub async fn run(client: &AdminClient, a: RunArgs) -> anyhow::Result<i32> {
+/// `slipway run`: follows the logs until the container is done (Ctrl-C stops it)
+/// and exits with its code, or with `-d` prints its name.
+async fn run_container(client: &Client, a: RunArgs, format: Format) -> anyhow::Result<Exit> {
+    let restart = RestartPolicy::parse(&a.restart)
+        .map_err(|e| anyhow::Error::new(slipway_api::ClientError::Config(format!("--{e}"))))?;
     let req = RunRequest {
         image: a.image,
         name: a.name,
@@ -104,54 +166,45 @@ pub async fn run(client: &AdminClient, a: RunArgs) -> anyhow::Result<i32> {
         memory: a.memory,
         cpus: a.cpus,
         pids: a.pids,
-        restart: RestartPolicy::parse(&a.restart).map_err(|e| anyhow::anyhow!("--{e}"))?,
+        restart,
         read_only: a.read_only,
         volumes: a.volumes,
         entrypoint: a.entrypoint.map(|e| vec![e]),
         command: (!a.command.is_empty()).then_some(a.command),
         labels: Default::default(),
+        stop_signal: a.stop_signal,
     };
-    let info: ContainerInfo = serde_json::from_value(
-        client
-            .call(
-                Method::POST,
-                "/api/v1/containers",
-                Some(&serde_json::to_value(&req)?),
-            )
-            .await?,
-    )?;
+    let info = client.run(&req).await?;
     if a.detach {
-        println!("{}", info.name);
-        return Ok(0);
+        if format == Format::Json {
+            output::json(&info)?;
+        } else {
+            println!("{}", info.name);
+        }
+        return Ok(Exit::Ok);
     }
-    // Attached: follow the logs until the container is done; Ctrl-C stops it.
     let name = info.name.clone();
-    let path = format!("/api/v1/containers/{name}/logs?follow=true");
-    let mut stdout = std::io::stdout();
+    let mut logs = client.logs(&name, true).await?;
     tokio::select! {
-        r = client.stream_to(&path, &mut stdout) => r?,
+        r = super::services::copy_out(&mut logs) => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("stopping {name}");
-            client.call(Method::POST, &format!("/api/v1/containers/{name}/stop"), None).await?;
+            client.stop(&name, None).await?;
         }
     }
-    let info: ContainerInfo = serde_json::from_value(
-        client
-            .call(Method::GET, &format!("/api/v1/containers/{name}"), None)
-            .await?,
-    )?;
+    let info = client.container(&name).await?;
     eprintln!("{name}: {}", status_word(&info));
-    Ok(info.exit_code.unwrap_or(0))
+    // The container's own exit code (it is not one of Slipway's).
+    let code = info.exit_code.unwrap_or(0);
+    std::process::exit(code);
 }
 
 /// `slipway ps`.
-pub async fn ps(client: &AdminClient, json: bool) -> anyhow::Result<()> {
-    let v = client.call(Method::GET, "/api/v1/containers", None).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+async fn ps(client: &Client, format: Format) -> anyhow::Result<()> {
+    let list = client.containers().await?;
+    if format == Format::Json {
+        return output::json(&list);
     }
-    let list: Vec<ContainerInfo> = serde_json::from_value(v)?;
     let now_ms = slipway_core::now_ms();
     println!(
         "{:<20} {:<32} {:<28} {:>8} {:>8} {:>6}",
@@ -172,53 +225,29 @@ pub async fn ps(client: &AdminClient, json: bool) -> anyhow::Result<()> {
 }
 
 /// `slipway stop`.
-pub async fn stop(client: &AdminClient, name: &str, time: Option<u64>) -> anyhow::Result<()> {
-    let q = time.map(|t| format!("?grace={t}s")).unwrap_or_default();
-    let v = client
-        .call(
-            Method::POST,
-            &format!("/api/v1/containers/{name}/stop{q}"),
-            None,
-        )
+async fn stop(
+    client: &Client,
+    name: &str,
+    time: Option<u64>,
+    format: Format,
+) -> anyhow::Result<()> {
+    let info = client
+        .stop(name, time.map(Duration::from_secs))
         .await
         .with_context(|| format!("cannot stop {name}"))?;
-    let info: ContainerInfo = serde_json::from_value(v)?;
+    if format == Format::Json {
+        return output::json(&info);
+    }
     println!("{name}: {}", status_word(&info));
     Ok(())
 }
 
 /// `slipway rm`.
-pub async fn rm(client: &AdminClient, name: &str, force: bool) -> anyhow::Result<()> {
+async fn rm(client: &Client, name: &str, force: bool) -> anyhow::Result<()> {
     client
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/containers/{name}?force={force}"),
-            None,
-        )
+        .remove_container(name, force)
         .await
         .with_context(|| format!("cannot remove {name}"))?;
     println!("{name}");
     Ok(())
-}
-
-/// `slipway logs`.
-pub async fn logs(client: &AdminClient, name: &str, follow: bool) -> anyhow::Result<()> {
-    let path = format!("/api/v1/containers/{name}/logs?follow={follow}");
-    let mut out = std::io::stdout();
-    client.stream_to(&path, &mut out).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_show_their_largest_whole_unit() {
-        assert_eq!(short_duration(0), "0s");
-        assert_eq!(short_duration(59_999), "59s");
-        assert_eq!(short_duration(60_000), "1m");
-        assert_eq!(short_duration(3_599_000), "59m");
-        assert_eq!(short_duration(7_200_000), "2h");
-        assert_eq!(short_duration(3 * 86_400_000), "3d");
-    }
 }

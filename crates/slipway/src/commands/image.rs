@@ -204,7 +204,7 @@ pub async fn pack(server_host: &str, a: PackArgs) -> anyhow::Result<()> {
 }
 
 /// `slipway image ls`.
-pub async fn ls(server_host: &str, json: bool) -> anyhow::Result<()> {
+pub async fn ls(server_host: &str, format: crate::output::Format) -> anyhow::Result<()> {
     let client = RegistryClient::new(server_host);
     let mut rows = Vec::new();
     for repo in client.catalog().await? {
@@ -218,7 +218,7 @@ pub async fn ls(server_host: &str, json: bool) -> anyhow::Result<()> {
             rows.push(serde_json::json!({"repository": repo, "tag": tag, "digest": Digest::sha256_of(&bytes).to_string(), "size": size}));
         }
     }
-    if json {
+    if format == crate::output::Format::Json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }

@@ -1,5 +1,33 @@
+#![expect(clippy::print_stdout, reason = "the binary owns the terminal")]
+
 //! One module per command group.
 
 pub mod containers;
 pub mod image;
 pub mod services;
+
+use slipway_api::Client;
+
+use crate::output::{self, Format};
+
+/// `slipway gc [--dry-run]`.
+pub async fn gc(client: &Client, dry_run: bool, format: Format) -> anyhow::Result<()> {
+    let report = client.gc(dry_run).await?;
+    if format == Format::Json {
+        return output::json(&report);
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    for (repo, digest) in &report.manifests {
+        println!("manifest {repo}@{digest}");
+    }
+    for (digest, size) in &report.blobs {
+        println!("blob {digest} ({size} bytes)");
+    }
+    println!(
+        "{verb} {} bytes: {} blobs, {} untagged manifests",
+        report.bytes_freed,
+        report.blobs.len(),
+        report.manifests.len()
+    );
+    Ok(())
+}

@@ -1,234 +1,396 @@
-//! `slipway deploy | status | history | rollback | scale | services | events`.
+//! `slipway service …` (and the short forms `deploy`, `status`, `history`,
+//! `rollback`, `scale`): every mutation is accepted by the server at once and then
+//! followed through the event stream until its outcome.
 
-use std::path::Path;
-use std::time::Duration;
+#![expect(clippy::print_stdout, reason = "the binary owns the terminal")]
+
+use std::path::PathBuf;
 
 use anyhow::Context as _;
-use http::Method;
-use slipway_app::client::AdminClient;
+use slipway_api::Client;
+use slipway_api::client::LogQuery;
+use slipway_api::services::{CommandAccepted, Outcome, ServiceSpec, ServiceStatus};
 
-/// Exit code when a deploy was rolled back.
-pub const EXIT_ROLLED_BACK: i32 = 2;
+use crate::exit::Exit;
+use crate::output::{self, Format};
 
-/// `slipway deploy FILE`: creates or updates a service and follows the rollout.
-pub async fn deploy(client: &AdminClient, file: &Path, detach: bool) -> anyhow::Result<i32> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    // Validate locally first for a precise message before anything is sent.
-    let spec = slipway_core::service::ServiceSpec::from_toml(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let v = client
-        .call_raw(Method::POST, "/api/v1/services", text.into_bytes())
-        .await?;
-    let revision = v["revision"].as_u64().unwrap_or(0);
-    println!("service {} revision {revision} deploying", spec.name);
-    if detach {
-        return Ok(0);
-    }
-    let path = format!("/api/v1/services/{}", spec.name);
-    let mut last_phase = String::new();
-    loop {
-        let s = client.call(Method::GET, &path, None).await?;
-        let phase = s["phase"].as_str().unwrap_or("").to_owned();
-        if phase != last_phase {
-            println!("  {phase}");
-            last_phase = phase;
+/// `deploy FILE`.
+#[derive(clap::Args)]
+pub struct DeployArgs {
+    /// The service spec (TOML).
+    pub file: PathBuf,
+    /// Return once the server accepted it, without following the rollout.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+}
+
+/// `rollback SERVICE [--to N]`.
+#[derive(clap::Args)]
+pub struct RollbackArgs {
+    /// Service name.
+    pub service: String,
+    /// Revision number (default: the one before the active revision).
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// Return once accepted.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+}
+
+/// `scale SERVICE N`.
+#[derive(clap::Args)]
+pub struct ScaleArgs {
+    /// Service name.
+    pub service: String,
+    /// Instances (1-100).
+    pub replicas: u32,
+    /// Return once accepted.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+}
+
+/// `service …`.
+#[derive(clap::Subcommand)]
+pub enum ServiceCommand {
+    /// Create or update a service from a TOML spec and follow the rollout.
+    Deploy(DeployArgs),
+    /// List services.
+    Ls,
+    /// Show a service (or all): revisions, instances, weights, traffic.
+    Status {
+        /// One service (default: all).
+        service: Option<String>,
+    },
+    /// List a service's revisions.
+    History {
+        /// Service name.
+        service: String,
+    },
+    /// Go back to the previous (or a given) revision.
+    Rollback(RollbackArgs),
+    /// Change the number of instances without downtime.
+    Scale(ScaleArgs),
+    /// Hold rollouts at their next step until `resume`.
+    Pause {
+        /// Service name.
+        service: String,
+    },
+    /// Let held rollouts go on.
+    Resume {
+        /// Service name.
+        service: String,
+    },
+    /// Skip a rollout's remaining steps and holds: the new revision takes all traffic.
+    Promote {
+        /// Service name.
+        service: String,
+    },
+    /// Roll the rollout in progress back now.
+    Abort {
+        /// Service name.
+        service: String,
+    },
+    /// Remove a service: abort what runs, stop every instance, close the ingress.
+    Rm {
+        /// Service name.
+        service: String,
+        /// Return once accepted.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
+    /// A service's logs: every instance, each line prefixed with it.
+    Logs {
+        /// Service name.
+        service: String,
+        /// Keep following, as instances come and go.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this revision's instances.
+        #[arg(long)]
+        revision: Option<u64>,
+        /// Only instances running within this long (e.g. 10m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N lines of each instance.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+}
+
+/// Runs a `service` command.
+pub async fn run(client: &Client, c: ServiceCommand, format: Format) -> anyhow::Result<Exit> {
+    match c {
+        ServiceCommand::Deploy(a) => deploy(client, &a, format).await,
+        ServiceCommand::Ls => ls(client, format).await.map(|()| Exit::Ok),
+        ServiceCommand::Status { service } => status(client, service.as_deref(), format)
+            .await
+            .map(|()| Exit::Ok),
+        ServiceCommand::History { service } => {
+            history(client, &service, format).await.map(|()| Exit::Ok)
         }
-        // Its own outcome, even if a newer revision (a trigger) started meanwhile.
-        let own = s["deploys"].as_array().and_then(|d| {
-            d.iter()
-                .find(|d| d["revision"].as_u64() == Some(revision))
-                .cloned()
-        });
-        if let Some(own) = own {
-            let r = &own["result"];
-            return Ok(match r["outcome"].as_str() {
-                Some("done") => {
-                    println!("revision {revision} is live");
-                    0
-                }
-                Some("rolled-back") => {
-                    println!(
-                        "revision {revision} was rolled back: {}",
-                        r["message"].as_str().unwrap_or("")
-                    );
-                    EXIT_ROLLED_BACK
-                }
-                _ => {
-                    println!(
-                        "revision {revision} failed: {}",
-                        r["message"].as_str().unwrap_or("")
-                    );
-                    1
-                }
-            });
+        ServiceCommand::Rollback(a) => {
+            let acc = client.rollback(&a.service, a.to).await?;
+            follow(client, &acc, a.detach, format).await
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        ServiceCommand::Scale(a) => {
+            let acc = client.scale(&a.service, a.replicas).await?;
+            follow(client, &acc, a.detach, format).await
+        }
+        ServiceCommand::Pause { service } => control(client, &service, "pause", format).await,
+        ServiceCommand::Resume { service } => control(client, &service, "resume", format).await,
+        ServiceCommand::Promote { service } => control(client, &service, "promote", format).await,
+        ServiceCommand::Abort { service } => control(client, &service, "abort", format).await,
+        ServiceCommand::Rm { service, detach } => {
+            let acc = client.remove_service(&service).await?;
+            follow(client, &acc, detach, format).await
+        }
+        ServiceCommand::Logs {
+            service,
+            follow,
+            revision,
+            since,
+            tail,
+        } => {
+            let since = since
+                .map(|s| {
+                    slipway_core::parse_duration(&s).map_err(|e| {
+                        anyhow::Error::new(slipway_api::ClientError::Config(format!(
+                            "--since: {e}"
+                        )))
+                    })
+                })
+                .transpose()?;
+            let q = LogQuery {
+                follow,
+                revision,
+                tail,
+                since,
+            };
+            let mut stream = client.service_logs(&service, &q).await?;
+            copy_out(&mut stream).await.map(|()| Exit::Ok)
+        }
     }
 }
 
-fn print_status(s: &serde_json::Value) {
-    println!(
-        "{}  ingress {}  active revision {}  replicas {}",
-        s["name"].as_str().unwrap_or("?"),
-        s["ingress"].as_str().unwrap_or("?"),
-        s["active"],
-        s["replicas"]
-    );
-    println!("  phase: {}", s["phase"].as_str().unwrap_or(""));
-    let weights: Vec<String> = s["weights"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|w| format!("r{}={}", w[0], w[1]))
-        .collect();
-    println!("  weights: {}", weights.join(" "));
-    for i in s["instances"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "  instance {} revision {} {}",
-            i["id"].as_str().unwrap_or("?"),
-            i["revision"],
-            i["addr"].as_str().unwrap_or("?")
-        );
-    }
-    for t in s["traffic"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "  traffic r{}: {} requests, {} errors, p99 ≤ {} ms",
-            t["revision"], t["requests"], t["errors"], t["p99_ms"]
-        );
-    }
-}
-
-/// `slipway status [SERVICE]`.
-pub async fn status(client: &AdminClient, name: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let v = match name {
-        Some(n) => {
-            client
-                .call(Method::GET, &format!("/api/v1/services/{n}"), None)
-                .await?
-        }
-        None => client.call(Method::GET, "/api/v1/services", None).await?,
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else if let Some(list) = v.as_array() {
-        for s in list {
-            print_status(s);
-        }
-    } else {
-        print_status(&v);
+/// Streams a body to stdout.
+pub async fn copy_out(stream: &mut slipway_api::client::ByteStream) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk?)?;
+        out.flush()?;
     }
     Ok(())
 }
 
-/// `slipway services`.
-pub async fn services(client: &AdminClient) -> anyhow::Result<()> {
-    let v = client.call(Method::GET, "/api/v1/services", None).await?;
+async fn deploy(client: &Client, a: &DeployArgs, format: Format) -> anyhow::Result<Exit> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    // Validated here first, for a message with the file, line and column.
+    let spec = ServiceSpec::from_toml(&text)
+        .map_err(|e| anyhow::Error::new(e).context(format!("{}", a.file.display())))?;
+    let acc = client.deploy(&spec).await?;
+    if format == Format::Text {
+        match (acc.revision, acc.queued, acc.unchanged) {
+            (Some(r), _, true) => println!("service {} revision {r} is already live", acc.service),
+            (Some(r), _, false) => println!("service {} revision {r} deploying", acc.service),
+            (None, true, _) => println!(
+                "service {}: deploy queued behind the operation in progress",
+                acc.service
+            ),
+            (None, _, _) => println!("service {}: deploy accepted", acc.service),
+        }
+    }
+    follow(client, &acc, a.detach, format).await
+}
+
+/// Follows an accepted command to its outcome, printing its events.
+async fn follow(
+    client: &Client,
+    acc: &CommandAccepted,
+    detach: bool,
+    format: Format,
+) -> anyhow::Result<Exit> {
+    if detach {
+        if format == Format::Json {
+            output::json(acc)?;
+        } else {
+            println!("{}: accepted ({})", acc.service, acc.command);
+        }
+        return Ok(Exit::Ok);
+    }
+    let text = format == Format::Text;
+    let outcome = client
+        .follow(acc, |e| {
+            if text && e.outcome.is_none() {
+                println!("  {}", e.message);
+            }
+        })
+        .await?;
+    let Some(outcome) = outcome else {
+        return Err(anyhow::Error::new(slipway_api::ClientError::Connect {
+            server: client.base().to_owned(),
+            message: format!(
+                "the event stream ended before command {} finished; see `slipway service status {}`",
+                acc.command, acc.service
+            ),
+        }));
+    };
+    if text {
+        let subject = acc
+            .revision
+            .map_or_else(|| acc.service.clone(), |r| format!("revision {r}"));
+        match &outcome {
+            Outcome::Done => println!("{subject}: done"),
+            Outcome::RolledBack(m) => println!("{subject} was rolled back: {m}"),
+            Outcome::Failed(m) => println!("{subject} failed: {m}"),
+            Outcome::Rejected(m) => println!("{subject} was rejected: {m}"),
+        }
+    } else {
+        output::json(&serde_json::json!({"accepted": acc, "result": outcome}))?;
+    }
+    Ok(Exit::of_outcome(&outcome))
+}
+
+async fn control(client: &Client, name: &str, verb: &str, format: Format) -> anyhow::Result<Exit> {
+    let acc = client.control(name, verb).await?;
+    if format == Format::Json {
+        output::json(&acc)?;
+    } else {
+        println!("{name}: {verb}");
+    }
+    Ok(Exit::Ok)
+}
+
+fn print_status(s: &ServiceStatus) {
+    println!(
+        "{}  {}  ingress {}  active revision {}  replicas {}",
+        s.name,
+        s.image,
+        s.ingress,
+        s.active.map_or("-".into(), |a| a.to_string()),
+        s.replicas
+    );
+    println!(
+        "  phase: {}{}  {}",
+        s.phase.as_str(),
+        if s.paused { " (paused)" } else { "" },
+        s.message
+    );
+    let weights: Vec<String> = s.weights.iter().map(|(r, w)| format!("r{r}={w}")).collect();
+    println!("  weights: {}", weights.join(" "));
+    for i in &s.instances {
+        println!("  instance {} revision {} {}", i.id, i.revision, i.addr);
+    }
+    for i in &s.stopping {
+        println!("  stopping {} revision {} {}", i.id, i.revision, i.addr);
+    }
+    if let Some(r) = s.revisions.last().filter(|r| {
+        matches!(
+            r.status,
+            slipway_api::services::RevisionStatus::Rejected
+                | slipway_api::services::RevisionStatus::RolledBack
+                | slipway_api::services::RevisionStatus::Failed
+        )
+    }) {
+        println!(
+            "  last revision {} {}: {}",
+            r.number,
+            r.status.as_str(),
+            r.message.as_deref().unwrap_or("")
+        );
+    }
+    for t in &s.traffic {
+        println!(
+            "  traffic r{}: {} requests, {} errors, p99 ≤ {} ms",
+            t.revision, t.requests, t.errors, t.p99_ms
+        );
+    }
+}
+
+async fn status(client: &Client, name: Option<&str>, format: Format) -> anyhow::Result<()> {
+    match name {
+        Some(n) => {
+            let s = client.service(n).await?;
+            if format == Format::Json {
+                return output::json(&s);
+            }
+            print_status(&s);
+        }
+        None => {
+            let all = client.services().await?;
+            if format == Format::Json {
+                return output::json(&all);
+            }
+            for s in &all {
+                print_status(s);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ls(client: &Client, format: Format) -> anyhow::Result<()> {
+    let all = client.services().await?;
+    if format == Format::Json {
+        return output::json(&all);
+    }
     println!(
         "{:<20} {:<22} {:>7} {:>9}  PHASE",
         "NAME", "INGRESS", "ACTIVE", "INSTANCES"
     );
-    for s in v.as_array().cloned().unwrap_or_default() {
+    for s in all {
         println!(
             "{:<20} {:<22} {:>7} {:>9}  {}",
-            s["name"].as_str().unwrap_or("?"),
-            s["ingress"].as_str().unwrap_or("?"),
-            s["active"].as_u64().map_or("-".into(), |a| a.to_string()),
-            s["instances"].as_array().map_or(0, Vec::len),
-            s["phase"].as_str().unwrap_or("")
+            s.name,
+            s.ingress.to_string(),
+            s.active.map_or("-".into(), |a| a.to_string()),
+            s.instances.len(),
+            s.phase.as_str()
         );
     }
     Ok(())
 }
 
-/// `slipway history SERVICE`.
-pub async fn history(client: &AdminClient, name: &str) -> anyhow::Result<()> {
-    let v = client
-        .call(Method::GET, &format!("/api/v1/services/{name}"), None)
-        .await?;
-    println!("{:>8}  {:<12} {:<50} NOTE", "REVISION", "STATUS", "IMAGE");
-    for r in v["revisions"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "{:>8}  {:<12} {:<50} {}",
-            r["number"],
-            r["status"].as_str().unwrap_or("?"),
-            r["image"].as_str().unwrap_or("?"),
-            r["message"].as_str().unwrap_or("")
-        );
+async fn history(client: &Client, name: &str, format: Format) -> anyhow::Result<()> {
+    let s = client.service(name).await?;
+    if format == Format::Json {
+        return output::json(&s.revisions);
     }
-    Ok(())
-}
-
-/// `slipway rollback SERVICE [--to N]`.
-pub async fn rollback(client: &AdminClient, name: &str, to: Option<u64>) -> anyhow::Result<i32> {
-    let q = to.map(|t| format!("?to={t}")).unwrap_or_default();
-    let v = client
-        .call(
-            Method::POST,
-            &format!("/api/v1/services/{name}/rollback{q}"),
-            None,
-        )
-        .await?;
-    let r = &v["result"];
+    let now = slipway_core::now_ms();
     println!(
-        "{}{}",
-        r["outcome"].as_str().unwrap_or("?"),
-        r["message"]
-            .as_str()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default()
+        "{:>8}  {:<12} {:>8}  {:<50} NOTE",
+        "REVISION", "STATUS", "AGE", "IMAGE"
     );
-    Ok(if r["outcome"] == "done" { 0 } else { 1 })
-}
-
-/// `slipway scale SERVICE N`.
-pub async fn scale(client: &AdminClient, name: &str, replicas: u32) -> anyhow::Result<()> {
-    client
-        .call(
-            Method::POST,
-            &format!("/api/v1/services/{name}/scale?replicas={replicas}"),
-            None,
-        )
-        .await?;
-    println!("{name} scaled to {replicas}");
+    for r in &s.revisions {
+        println!(
+            "{:>8}  {:<12} {:>8}  {:<50} {}",
+            r.number,
+            r.status.as_str(),
+            output::short_duration(now.saturating_sub(r.created_ms)),
+            r.image,
+            r.message.as_deref().unwrap_or("")
+        );
+    }
     Ok(())
 }
 
-/// `slipway events [-f]`.
-pub async fn events(client: &AdminClient, follow: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    client
-        .stream_to(&format!("/api/v1/events?follow={follow}"), &mut out)
-        .await
-}
-
-/// Whether a service of that name exists (for `slipway rm`).
-pub async fn exists(client: &AdminClient, name: &str) -> bool {
-    client
-        .call(Method::GET, &format!("/api/v1/services/{name}"), None)
-        .await
-        .is_ok()
-}
-
-/// `slipway rm SERVICE`.
-pub async fn remove(client: &AdminClient, name: &str) -> anyhow::Result<()> {
-    client
-        .call(Method::DELETE, &format!("/api/v1/services/{name}"), None)
-        .await?;
-    println!("{name}");
-    Ok(())
-}
-
-/// `slipway promote | abort | pause | resume SERVICE`.
-pub async fn control(client: &AdminClient, name: &str, verb: &str) -> anyhow::Result<()> {
-    client
-        .call(
-            Method::POST,
-            &format!("/api/v1/services/{name}/{verb}"),
-            None,
-        )
-        .await?;
-    println!("{name}: {verb}");
+/// `slipway events [-f] [--service NAME]`.
+pub async fn events(
+    client: &Client,
+    service: Option<&str>,
+    follow: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut stream = client.events(service, follow).await?;
+    while let Some(e) = stream.next().await {
+        let e = e?;
+        if format == Format::Json {
+            println!("{}", serde_json::to_string(&e)?);
+        } else {
+            let rev = e.revision.map(|r| format!(" r{r}")).unwrap_or_default();
+            println!("{} {}{rev}: {}", e.at_ms, e.service, e.message);
+        }
+    }
     Ok(())
 }

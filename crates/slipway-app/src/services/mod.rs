@@ -1,0 +1,425 @@
+//! Services: one controller actor per service (in `slipway-controller`), wired to
+//! the real parts (`adapters.rs`), persisted in the embedded state store
+//! (`state.rs`), served over `/api/v1/services` (`api.rs`), with image triggers from
+//! registry pushes, recovery after a restart, and the migration of data
+//! directories written by earlier releases (`legacy.rs`).
+
+mod adapters;
+mod api;
+mod legacy;
+mod logs;
+mod state;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use slipway_api::services::{InstanceView, RevisionView, ServiceStatus, TrafficView};
+use slipway_controller::{
+    Command, CommandError, Event, Service, ServiceDeps, ServiceRecord, StateStore,
+};
+use slipway_core::service::ServiceSpec;
+use slipway_registry::{Action, RegistryEvent};
+use slipway_runtime::Runtime;
+use slipway_store::Store;
+use tokio::sync::broadcast;
+
+pub(crate) use adapters::{Ports, ephemeral_range, parse_range};
+pub(crate) use api::router;
+
+use adapters::{PlatformGate, Probes, ProxyTraffic, RuntimeInstances, StoreImages};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A service known to this daemon: the handle on its actor and its ingress.
+#[derive(Clone)]
+struct Entry {
+    svc: Service,
+    traffic: Arc<ProxyTraffic>,
+}
+
+/// Recent events and their live stream, behind one lock so a reader that takes
+/// the recent ones and subscribes misses nothing in between.
+pub(crate) struct Hub {
+    recent: Mutex<VecDeque<slipway_api::services::Event>>,
+    tx: broadcast::Sender<slipway_api::services::Event>,
+}
+
+const RECENT_EVENTS: usize = 1000;
+
+impl Hub {
+    fn publish(&self, e: Event) {
+        let e = slipway_api::services::Event {
+            at_ms: e.at_ms,
+            service: e.service,
+            revision: e.revision,
+            command: e.command,
+            message: e.message,
+            outcome: e.outcome,
+        };
+        let mut recent = lock(&self.recent);
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(e.clone());
+        let _ = self.tx.send(e);
+    }
+
+    /// The recent events and a receiver of every later one.
+    pub(crate) fn subscribe(
+        &self,
+    ) -> (
+        Vec<slipway_api::services::Event>,
+        broadcast::Receiver<slipway_api::services::Event>,
+    ) {
+        let recent = lock(&self.recent);
+        (recent.iter().cloned().collect(), self.tx.subscribe())
+    }
+}
+
+/// All services of this daemon.
+pub(crate) struct Services {
+    map: Mutex<HashMap<String, Entry>>,
+    runtime: Arc<Runtime>,
+    instances: Arc<RuntimeInstances>,
+    probes: Arc<Probes>,
+    images: Arc<StoreImages>,
+    gate: Arc<PlatformGate>,
+    state: Arc<dyn StateStore>,
+    events: broadcast::Sender<Event>,
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl Services {
+    /// Opens the state store under `data_dir` and wires the adapters.
+    pub(crate) fn open(
+        data_dir: &Path,
+        runtime: Arc<Runtime>,
+        store: Arc<Store>,
+        local_hosts: Vec<String>,
+        ports: Ports,
+    ) -> anyhow::Result<Arc<Self>> {
+        let state = state::RedbState::open(&data_dir.join("state.redb"))
+            .map_err(|e| anyhow::anyhow!("cannot open the state store: {e}"))?;
+        let (events, rx) = broadcast::channel(4096);
+        let hub = Arc::new(Hub {
+            recent: Mutex::default(),
+            tx: broadcast::channel(4096).0,
+        });
+        tokio::spawn(forward(rx, hub.clone()));
+        let instances = Arc::new(RuntimeInstances {
+            runtime: runtime.clone(),
+            ports: Arc::new(ports),
+        });
+        instances.adopt_ports();
+        Ok(Arc::new(Self {
+            map: Mutex::default(),
+            probes: Arc::new(Probes {
+                runtime: runtime.clone(),
+            }),
+            gate: Arc::new(PlatformGate {
+                runtime: runtime.clone(),
+            }),
+            images: Arc::new(StoreImages { store, local_hosts }),
+            instances,
+            runtime,
+            state: Arc::new(state),
+            events,
+            hub,
+        }))
+    }
+
+    fn deps(&self, traffic: Arc<ProxyTraffic>) -> ServiceDeps {
+        ServiceDeps {
+            instances: self.instances.clone(),
+            prober: self.probes.clone(),
+            traffic,
+            images: self.images.clone(),
+            gate: self.gate.clone(),
+            store: self.state.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Starts the actor of a service and forgets it once it has ended.
+    fn start(
+        self: &Arc<Self>,
+        record: ServiceRecord,
+        version: Option<u64>,
+        recover: bool,
+    ) -> Entry {
+        let name = record.name.clone();
+        let traffic = Arc::new(ProxyTraffic::default());
+        let svc = slipway_controller::spawn(record, version, self.deps(traffic.clone()), recover);
+        let entry = Entry { svc, traffic };
+        lock(&self.map).insert(name.clone(), entry.clone());
+        let me = self.clone();
+        let watched = entry.clone();
+        tokio::spawn(async move {
+            watched.svc.gone().await;
+            watched.traffic.close_if_unused();
+            let mut map = lock(&me.map);
+            if map
+                .get(&name)
+                .is_some_and(|e| Arc::ptr_eq(&e.traffic, &watched.traffic))
+            {
+                map.remove(&name);
+            }
+        });
+        entry
+    }
+
+    /// Creates or updates a service: the command goes to its actor.
+    pub(crate) async fn deploy(
+        self: &Arc<Self>,
+        spec: ServiceSpec,
+    ) -> Result<slipway_controller::Accepted, CommandError> {
+        // A new service's actor that refused its first deploy ends; retry once.
+        for _ in 0..3 {
+            let existing = lock(&self.map).get(&spec.name).cloned();
+            let entry = match existing {
+                Some(e) if !e.svc.is_gone() => e,
+                _ => self.start(ServiceRecord::new(&spec.name), None, false),
+            };
+            match entry
+                .svc
+                .send(Command::Deploy(Box::new(spec.clone())))
+                .await
+            {
+                Err(CommandError::Gone) => continue,
+                other => return other,
+            }
+        }
+        Err(CommandError::Unavailable(format!(
+            "{}: the service is being removed; try again",
+            spec.name
+        )))
+    }
+
+    fn get(&self, name: &str) -> Result<Entry, CommandError> {
+        lock(&self.map)
+            .get(name)
+            .filter(|e| !e.svc.is_gone())
+            .cloned()
+            .ok_or_else(|| CommandError::NotFound(format!("no service named {name:?}")))
+    }
+
+    /// Sends a command to an existing service.
+    pub(crate) async fn send(
+        &self,
+        name: &str,
+        command: Command,
+    ) -> Result<slipway_controller::Accepted, CommandError> {
+        self.get(name)?.svc.send(command).await
+    }
+
+    /// Every service's status, by name.
+    pub(crate) fn list(&self) -> Vec<ServiceStatus> {
+        let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+        let mut v: Vec<ServiceStatus> = entries.iter().filter_map(describe).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// One service's status.
+    pub(crate) fn status(&self, name: &str) -> Result<ServiceStatus, CommandError> {
+        describe(&self.get(name)?)
+            .ok_or_else(|| CommandError::NotFound(format!("no service named {name:?}")))
+    }
+
+    /// A service's record.
+    pub(crate) fn record(&self, name: &str) -> Result<ServiceRecord, CommandError> {
+        Ok(self.get(name)?.svc.record())
+    }
+
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Loads every record and converges each service after a restart; data
+    /// directories of earlier releases are migrated first.
+    pub(crate) async fn recover(self: &Arc<Self>, legacy_dir: &Path) {
+        legacy::migrate(legacy_dir, self.state.as_ref()).await;
+        let records = match self.state.load_all("services/").await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot load services: {e}");
+                return;
+            }
+        };
+        for v in records {
+            match serde_json::from_slice::<ServiceRecord>(&v.value) {
+                Ok(record) => {
+                    tracing::info!(service = %record.name, "recovering");
+                    self.start(record, Some(v.version), true);
+                }
+                Err(e) => tracing::error!(key = %v.key, "unreadable service record; skipped: {e}"),
+            }
+        }
+    }
+
+    /// Offers pushes to the services whose trigger wants them.
+    pub(crate) async fn watch_registry(
+        self: Arc<Self>,
+        mut rx: broadcast::Receiver<RegistryEvent>,
+    ) {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("missed {n} registry events");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let (Action::Push, Some(tag)) = (ev.action, ev.tag.clone()) else {
+                continue;
+            };
+            let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+            for e in entries {
+                if e.svc.offer_push(&ev.repository, &tag) {
+                    tracing::info!(service = %e.svc.name(), repository = %ev.repository, %tag, "push matches the trigger");
+                }
+            }
+        }
+    }
+
+    /// Appends per-service, per-revision proxy metrics in Prometheus text form.
+    pub(crate) fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        // One snapshot per scrape, so the three families agree with each other.
+        let entries: Vec<(String, Entry)> = lock(&self.map)
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        let stats: Vec<(String, u64, slipway_proxy::Stats)> = entries
+            .iter()
+            .filter_map(|(name, e)| e.traffic.proxy().map(|p| (name, p)))
+            .flat_map(|(name, p)| {
+                p.all_stats()
+                    .into_iter()
+                    .map(|(rev, st)| (name.clone(), rev, st))
+            })
+            .collect();
+        for (family, help, value) in [
+            (
+                "slipway_proxy_requests_total",
+                "Requests through a service's proxy, by revision.",
+                (|st| st.requests) as fn(&slipway_proxy::Stats) -> u64,
+            ),
+            (
+                "slipway_proxy_errors_total",
+                "5xx answers and failed requests, by revision.",
+                |st| st.errors,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
+            for (name, rev, st) in &stats {
+                let _ = writeln!(
+                    out,
+                    "{family}{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                    value(st)
+                );
+            }
+        }
+        out.push_str("# HELP slipway_proxy_request_duration_seconds Latency through the proxy, by revision.\n# TYPE slipway_proxy_request_duration_seconds histogram\n");
+        for (name, rev, st) in &stats {
+            let mut cumulative = 0;
+            for (i, le) in slipway_proxy::BUCKETS_MS.iter().enumerate() {
+                cumulative += st.buckets[i];
+                let le = if *le == u64::MAX {
+                    "+Inf".to_owned()
+                } else {
+                    format!("{}", *le as f64 / 1000.0)
+                };
+                let _ = writeln!(
+                    out,
+                    "slipway_proxy_request_duration_seconds_bucket{{service=\"{name}\",revision=\"{rev}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "slipway_proxy_request_duration_seconds_count{{service=\"{name}\",revision=\"{rev}\"}} {}",
+                st.requests
+            );
+        }
+    }
+
+    /// Stops every ingress; instances keep running for the next daemon.
+    pub(crate) fn shutdown(&self) {
+        let entries: Vec<Entry> = lock(&self.map).drain().map(|(_, e)| e).collect();
+        for e in entries {
+            slipway_controller::Traffic::close(e.traffic.as_ref());
+        }
+    }
+}
+
+/// Forwards the controllers' events into the hub.
+async fn forward(mut rx: broadcast::Receiver<Event>, hub: Arc<Hub>) {
+    loop {
+        match rx.recv().await {
+            Ok(e) => hub.publish(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!("the event hub missed {n} events");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+fn view(i: &slipway_controller::Instance) -> InstanceView {
+    InstanceView {
+        id: i.id.clone(),
+        revision: i.revision,
+        addr: i.addr,
+    }
+}
+
+/// A service's status as the API shows it; `None` before its first revision.
+fn describe(e: &Entry) -> Option<ServiceStatus> {
+    let r = e.svc.record();
+    let spec = r.spec()?.clone();
+    let traffic = e
+        .traffic
+        .proxy()
+        .map(|p| p.all_stats())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(revision, s)| TrafficView {
+            revision,
+            requests: s.requests,
+            errors: s.errors,
+            p99_ms: s.p99_ms(),
+        })
+        .collect();
+    Some(ServiceStatus {
+        name: r.name.clone(),
+        image: spec.image.clone(),
+        ingress: spec.ingress.listen,
+        replicas: spec.replicas,
+        active: r.active,
+        phase: r.phase,
+        paused: r.paused,
+        message: r.message.clone(),
+        weights: r.weights.clone(),
+        instances: r.instances.iter().map(view).collect(),
+        stopping: r.stopping.iter().map(view).collect(),
+        revisions: r
+            .revisions
+            .iter()
+            .map(|x| RevisionView {
+                number: x.number,
+                image: x.image.clone(),
+                spec_image: x.spec.image.clone(),
+                replicas: x.spec.replicas,
+                status: x.status,
+                message: x.message.clone(),
+                created_ms: x.created_ms,
+                command: x.command.clone(),
+            })
+            .collect(),
+        traffic,
+    })
+}
