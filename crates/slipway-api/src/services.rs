@@ -109,6 +109,9 @@ pub struct ServiceStatus {
     pub image: String,
     /// Where its ingress listens.
     pub ingress: SocketAddr,
+    /// The ingress as its proxy runs now (`None` before it first listened).
+    #[serde(default)]
+    pub proxy: Option<ProxyView>,
     /// Instances the live spec asks for.
     pub replicas: u32,
     /// The revision serving traffic.
@@ -129,6 +132,15 @@ pub struct ServiceStatus {
     pub revisions: Vec<RevisionView>,
     /// Live traffic per revision.
     pub traffic: Vec<TrafficView>,
+}
+
+/// A service's proxy as it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyView {
+    /// Balancing within a revision.
+    pub balance: slipway_core::service::BalanceKind,
+    /// How long a request waits for a ready backend, ms.
+    pub hold_timeout_ms: u64,
 }
 
 /// One line of `GET /api/v1/events` (NDJSON).

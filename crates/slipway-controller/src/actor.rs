@@ -146,7 +146,7 @@ impl Envelope {
 pub struct Service {
     name: String,
     tx: mpsc::UnboundedSender<Envelope>,
-    record: watch::Receiver<(u64, ServiceRecord)>,
+    record: watch::Receiver<ServiceRecord>,
     triggers: Arc<TriggerSlot>,
     done: watch::Receiver<bool>,
 }
@@ -181,9 +181,9 @@ impl Service {
         rx.await.unwrap_or(Err(CommandError::Gone))
     }
 
-    /// A snapshot of the record.
+    /// The record as last made durable.
     pub fn record(&self) -> ServiceRecord {
-        self.record.borrow().1.clone()
+        self.record.borrow().clone()
     }
 
     /// Offers a pushed tag of `repo`: it waits in the trigger slot when the
@@ -244,7 +244,7 @@ pub fn spawn(
     let service = Service {
         name: name.clone(),
         tx,
-        record: engine.subscribe(),
+        record: engine.durable(),
         triggers: triggers.clone(),
         done,
     };

@@ -92,6 +92,8 @@ impl Control {
 /// is reported.
 struct Writer {
     written: watch::Receiver<u64>,
+    /// The record as last made durable: what readers are shown.
+    durable: watch::Receiver<ServiceRecord>,
     version: Arc<tokio::sync::Mutex<Option<u64>>>,
     fenced: Arc<AtomicBool>,
 }
@@ -104,15 +106,20 @@ impl Writer {
         mut rx: watch::Receiver<(u64, ServiceRecord)>,
     ) -> Self {
         let (written_tx, written) = watch::channel(rx.borrow().0);
+        let (durable_tx, durable) = watch::channel(rx.borrow().1.clone());
         let version = Arc::new(tokio::sync::Mutex::new(version));
         let fenced = Arc::new(AtomicBool::new(false));
         let (v, f) = (version.clone(), fenced.clone());
         let mut last: Option<Vec<u8>> = None;
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                let (generation, bytes) = {
+                let (generation, bytes, record) = {
                     let snap = rx.borrow_and_update();
-                    (snap.0, serde_json::to_vec(&snap.1).unwrap_or_default())
+                    (
+                        snap.0,
+                        serde_json::to_vec(&snap.1).unwrap_or_default(),
+                        snap.1.clone(),
+                    )
                 };
                 // Write only on change.
                 if last.as_ref() != Some(&bytes) && !f.load(Ordering::SeqCst) {
@@ -140,11 +147,15 @@ impl Writer {
                     }
                     last = Some(bytes);
                 }
+                if !f.load(Ordering::SeqCst) {
+                    durable_tx.send_replace(record);
+                }
                 written_tx.send_replace(generation);
             }
         });
         Self {
             written,
+            durable,
             version,
             fenced,
         }
@@ -204,9 +215,10 @@ impl Engine {
         }
     }
 
-    /// Snapshots of the record, for readers.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<(u64, ServiceRecord)> {
-        self.record.subscribe()
+    /// The record as last made durable, for readers: nothing they are shown can
+    /// be lost by a crash.
+    pub(crate) fn durable(&self) -> watch::Receiver<ServiceRecord> {
+        self.writer.durable.clone()
     }
 
     pub(crate) fn deps(&self) -> &ServiceDeps {

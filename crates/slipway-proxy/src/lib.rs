@@ -263,6 +263,30 @@ fn backend_uri(backend: &Backend, uri: &http::Uri) -> http::Uri {
     http::Uri::from_parts(parts).unwrap_or_default()
 }
 
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and the headers
+/// it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+/// `Transfer-Encoding` and `Upgrade`. hyper frames each hop's body itself.
+fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    if let Some(listed) = h.get(header::CONNECTION).cloned()
+        && let Ok(listed) = listed.to_str()
+    {
+        for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            h.remove(name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{msg}\n")))
@@ -533,6 +557,9 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+        strip_hop_by_hop(&mut parts.headers);
+        // The client's hop keeps its own version whatever the backend speaks.
+        let client_version = parts.version;
         let mut req = Request::from_parts(parts, body.boxed());
         let mut tried = Vec::new();
         loop {
@@ -540,7 +567,11 @@ impl Proxy {
             let guard = InFlight(backend.clone());
             match Self::forward(&backend, req).await {
                 Ok((resp, upstream)) => {
-                    let (rparts, rbody) = resp.into_parts();
+                    let (mut rparts, rbody) = resp.into_parts();
+                    // The backend closing its connection says nothing about the
+                    // client's: hop-by-hop headers stay on their hop.
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts.version = client_version;
                     self.stats(revision)
                         .record(rparts.status.is_server_error(), start.elapsed());
                     // The in-flight guard lives as long as the response body streams; the

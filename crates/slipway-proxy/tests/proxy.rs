@@ -389,3 +389,65 @@ async fn a_stopped_proxy_releases_its_port_and_finishes_open_requests() {
     .await
     .expect("the port is free again");
 }
+
+/// A backend that speaks HTTP/1.0 and closes every connection after one answer,
+/// as busybox httpd does.
+async fn closing_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = r
+                    .get_mut()
+                    .write_all(b"HTTP/1.0 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_its_connection_does_not_close_the_clients() {
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    let b = Backend::new(closing_backend().await);
+    proxy.set_routes(table(&[(1, 100, &[b])]));
+    let mut s = BufReader::new(TcpStream::connect(addr).await.expect("connect"));
+    for round in 0..3 {
+        s.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                s.read_line(&mut line).await.expect("read") > 0,
+                "round {round}: the client connection was closed"
+            );
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.to_ascii_lowercase());
+        }
+        assert!(head[0].starts_with("http/1.1 200"), "{head:?}");
+        assert!(
+            !head
+                .iter()
+                .any(|h| h.starts_with("connection:") || h.starts_with("keep-alive:")),
+            "hop-by-hop headers stay on their hop: {head:?}"
+        );
+        let mut body = [0u8; 2];
+        s.read_exact(&mut body).await.expect("body");
+        assert_eq!(&body, b"ok");
+    }
+}

@@ -113,6 +113,7 @@ impl TestServer {
     }
 
     fn spawn(bin: &Path, data: &Path, extra: Vec<String>, listen: Option<SocketAddr>) -> Self {
+        // One slice of instance ports per server (nextest runs tests side by side).
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         let mut child = Command::new(bin)
             .arg("serve")
@@ -122,6 +123,7 @@ impl TestServer {
             .arg(&listen)
             .args(&extra)
             .env("SLIPWAY_LOG", "info")
+            .env("SLIPWAY_PORT_RANGE", port_slice())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -299,13 +301,19 @@ impl Drop for TestServer {
         // still leave none behind. Services first: their healing would replace
         // containers removed under them.
         if self.child.is_some() {
-            for (list, delete) in [
-                ("/api/v1/services", "/api/v1/services/{}"),
-                ("/api/v1/containers", "/api/v1/containers/{}?force=true"),
-            ] {
-                for name in self.names(list) {
-                    let _ = try_request(self.addr, "DELETE", &delete.replace("{}", &name));
-                }
+            for name in self.names("/api/v1/services") {
+                let _ = try_request(self.addr, "DELETE", &format!("/api/v1/services/{name}"));
+            }
+            // Removal is a command the service finishes on its own: wait for it.
+            let _ = poll(Duration::from_secs(60), || {
+                self.names("/api/v1/services").is_empty().then_some(())
+            });
+            for name in self.names("/api/v1/containers") {
+                let _ = try_request(
+                    self.addr,
+                    "DELETE",
+                    &format!("/api/v1/containers/{name}?force=true"),
+                );
             }
         }
         if let Some(mut child) = self.child.take() {
@@ -313,6 +321,20 @@ impl Drop for TestServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A slice of 100 instance ports for one test server, below the ephemeral range:
+/// servers of concurrent tests rarely share one (and a port taken anyway is
+/// skipped by the daemon).
+fn port_slice() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let slice = (std::process::id()
+        .wrapping_mul(31)
+        .wrapping_add(n.wrapping_mul(7)))
+        % 120;
+    let first = 20_000 + slice * 100;
+    format!("{first}-{}", first + 99)
 }
 
 /// A request that reports failure instead of panicking (for cleanup paths).

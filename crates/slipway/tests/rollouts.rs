@@ -62,18 +62,38 @@ fn one_request(
         .and_then(|c| c.parse().ok())
         .ok_or(format!("bad status line {status:?}"))?;
     let mut len = 0usize;
+    let mut chunked = false;
     loop {
         let mut h = String::new();
         r.read_line(&mut h).map_err(|e| e.to_string())?;
         if h == "\r\n" || h.is_empty() {
             break;
         }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+        let h = h.to_ascii_lowercase();
+        if let Some(v) = h.strip_prefix("content-length:") {
             len = v.trim().parse().unwrap_or(0);
         }
+        if h.starts_with("transfer-encoding:") && h.contains("chunked") {
+            chunked = true;
+        }
     }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).map_err(|e| e.to_string())?;
+            let n = usize::from_str_radix(size.trim(), 16).map_err(|e| e.to_string())?;
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        body.resize(len, 0);
+        r.read_exact(&mut body).map_err(|e| e.to_string())?;
+    }
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -185,7 +205,7 @@ fn rolling_update_of_three_replicas_under_load_fails_no_request() {
             .iter()
             .all(|i| i["revision"] == 2)
     );
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
     assert_eq!(
         s.get("/api/v1/containers").json(),
         serde_json::json!([]),
@@ -226,7 +246,7 @@ fn a_revision_that_fails_readiness_is_rolled_back_without_a_failed_request() {
     let crashing = spec(port, "hello:1", "") + "[env]\nHELLO_CRASH_AFTER_MS = \"0\"\n";
     let (code, out) = deploy(&s, &write_spec(dir.path(), &crashing));
     assert_eq!(code, 2, "{out}");
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -258,7 +278,7 @@ fn canary_returning_errors_is_aborted_by_the_analysis_and_rolled_back() {
     assert!(serving(port).starts_with("hello 1"));
     let status = s.get("/api/v1/services/web").json();
     assert_eq!(status["active"], 1);
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -291,7 +311,7 @@ fn blue_green_switches_at_once_without_failed_requests() {
         late_v1 < 8,
         "at most the requests already in flight on each client go to v1 after the switch: {late_v1}"
     );
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -356,7 +376,7 @@ fn an_open_event_stream_survives_a_rollout() {
     assert!(status.success());
     assert!(serving(port).starts_with("hello 2"));
     drop(reader);
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -379,10 +399,10 @@ fn pushes_matching_the_semver_policy_roll_out_and_others_do_not() {
         .as_array()
         .expect("revisions")
         .iter()
-        .map(|r| r["spec"]["image"].as_str().unwrap_or("").to_owned())
+        .map(|r| r["spec_image"].as_str().unwrap_or("").to_owned())
         .collect();
     assert_eq!(images, ["hello:1.0.0", "hello:1.1.0"]);
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -414,8 +434,12 @@ fn a_daemon_killed_mid_rollout_converges_after_restart() {
     let st = poll(Duration::from_secs(30), || {
         let st = s.get("/api/v1/services/web").json();
         let insts = st["instances"].as_array().cloned().unwrap_or_default();
-        (st["active"] == 1 && insts.len() == 3 && insts.iter().all(|i| i["revision"] == 1))
-            .then_some(st)
+        let stopped = st["stopping"].as_array().is_some_and(Vec::is_empty);
+        (st["active"] == 1
+            && stopped
+            && insts.len() == 3
+            && insts.iter().all(|i| i["revision"] == 1))
+        .then_some(st)
     })
     .expect("converged back to revision 1 with 3 instances");
     assert_eq!(st["revisions"][1]["status"], "rolled-back");
@@ -426,7 +450,7 @@ fn a_daemon_killed_mid_rollout_converges_after_restart() {
         Some(3),
         "no revision-2 container was left: {containers}"
     );
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -479,7 +503,7 @@ fn a_canary_held_for_an_hour_is_promoted_by_hand() {
     let sp = spec(port, "hello:1", canary)
         .replace("progress_deadline = \"20s\"", "progress_deadline = \"2h\"");
     assert_eq!(deploy(&s, &write_spec(dir.path(), &sp)).0, 0);
-    let (code, _, err) = cli(BIN, &s, &["promote", "web"]);
+    let (code, _, err) = cli(BIN, &s, &["service", "promote", "web"]);
     assert!(
         code != 0 && err.contains("no rollout is in progress"),
         "{err}"
@@ -502,16 +526,16 @@ fn a_canary_held_for_an_hour_is_promoted_by_hand() {
             .then_some(())
     })
     .expect("the canary reached 50%");
-    let (code, _, err) = cli(BIN, &s, &["pause", "web"]);
+    let (code, _, err) = cli(BIN, &s, &["service", "pause", "web"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(cli(BIN, &s, &["resume", "web"]).0, 0);
-    assert_eq!(cli(BIN, &s, &["promote", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "resume", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "promote", "web"]).0, 0);
     poll(Duration::from_secs(20), || {
         (s.get("/api/v1/services/web").json()["active"] == 2).then_some(())
     })
     .expect("promoted");
     assert!(serving(port).starts_with("hello 2"));
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 
 #[test]
@@ -563,7 +587,7 @@ fn a_service_on_another_registry_rolls_out_when_polling_finds_a_new_tag() {
         })
         .ok_or_else(|| format!("no rollout: {}", s.get("/api/v1/services/web").json()))
     })();
-    let _ = cli(BIN, &s, &["rm", "web"]);
+    let _ = cli(BIN, &s, &["service", "rm", "web"]);
     drop(dist);
     result.expect("polling the other registry rolled 1.1.0 out");
 }
@@ -581,5 +605,362 @@ fn deploying_an_unchanged_spec_again_creates_no_revision() {
     let v = s.get("/api/v1/services/web").json();
     assert_eq!(v["revisions"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["active"], 1);
-    assert_eq!(cli(BIN, &s, &["rm", "web"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+/// Packs busybox httpd, which ignores SIGTERM as PID 1 (as many real servers
+/// do), serving `/www` on `$PORT`; `/healthz` answers 200.
+fn pack_httpd(s: &TestServer, tag: &str, body: &str) -> tempfile::TempDir {
+    let www = tempfile::tempdir().expect("tmp");
+    std::fs::write(www.path().join("index.html"), body).expect("index");
+    std::fs::write(www.path().join("healthz"), "ok").expect("healthz");
+    let www_input = format!("{}:/www", www.path().display());
+    let (code, _, err) = cli(
+        BIN,
+        s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            tag,
+            "--entrypoint",
+            "/bin/busybox",
+            "--entrypoint",
+            "sh",
+            "--entrypoint=-c",
+            "--entrypoint",
+            "exec /bin/busybox httpd -f -p $PORT -h /www",
+            "/bin/busybox:/bin/busybox",
+            &www_input,
+        ],
+    );
+    assert_eq!(code, 0, "pack httpd: {err}");
+    www
+}
+
+/// Deploys `file` and returns how long the CLI took to see the outcome.
+fn timed_deploy(s: &TestServer, file: &str) -> Duration {
+    let t = std::time::Instant::now();
+    let (code, out) = deploy(s, file);
+    assert_eq!(code, 0, "{out}");
+    t.elapsed()
+}
+
+#[test]
+fn a_server_that_ignores_sigterm_rolls_over_as_fast_as_one_that_exits_at_once() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    pack_hello(&s, "hello:2", "2");
+    let _w1 = pack_httpd(&s, "httpd:1", "one");
+    let _w2 = pack_httpd(&s, "httpd:2", "two");
+    let dir = tempfile::tempdir().expect("tmp");
+    let hello_port = free_port();
+    let hello = |img: &str| spec(hello_port, img, "").replace("name = \"web\"", "name = \"hi\"");
+    timed_deploy(&s, &write_spec(dir.path(), &hello("hello:1")));
+    let hello_time = timed_deploy(&s, &write_spec(dir.path(), &hello("hello:2")));
+
+    let port = free_port();
+    let httpd = |img: &str| spec(port, img, "");
+    timed_deploy(&s, &write_spec(dir.path(), &httpd("httpd:1")));
+    let load = Load::start(port, 4);
+    poll(Duration::from_secs(5), || {
+        (load.ok.load(Ordering::Relaxed) > 50).then_some(())
+    })
+    .expect("load flows");
+    let httpd_time = timed_deploy(&s, &write_spec(dir.path(), &httpd("httpd:2")));
+    let (ok, failed, bodies) = load.finish();
+    eprintln!("rolling 3 replicas: hello {hello_time:?}, httpd ignoring SIGTERM {httpd_time:?}");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(bodies.iter().any(|b| b == "two"), "the new revision served");
+    assert!(
+        httpd_time <= hello_time + Duration::from_secs(1),
+        "the rollout waited on dying processes: {httpd_time:?} vs hello's {hello_time:?}"
+    );
+    // The old instances are stopped in the background: SIGTERM is ignored, so the
+    // stop timeout (10 s) ends each with SIGKILL.
+    let st = s.get("/api/v1/services/web").json();
+    assert!(
+        st["stopping"].as_array().is_some_and(|a| !a.is_empty()),
+        "old instances still stopping right after the rollout: {st}"
+    );
+    poll(Duration::from_secs(30), || {
+        let st = s.get("/api/v1/services/web").json();
+        st["stopping"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(())
+    })
+    .expect("the old instances are gone after the stop timeout");
+    assert_eq!(
+        s.get("/api/v1/containers").json().as_array().map(Vec::len),
+        Some(6)
+    );
+    assert_eq!(cli(BIN, &s, &["service", "rm", "hi"]).0, 0);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+    assert_eq!(s.get("/api/v1/containers").json(), serde_json::json!([]));
+}
+
+#[test]
+fn a_client_killed_during_rollback_still_leaves_a_completed_rollback() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    pack_hello(&s, "hello:2", "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let slow = |img: &str| spec(port, img, "") + "[env]\nHELLO_START_DELAY_MS = \"700\"\n";
+    assert_eq!(deploy(&s, &write_spec(dir.path(), &slow("hello:1"))).0, 0);
+    assert_eq!(deploy(&s, &write_spec(dir.path(), &slow("hello:2"))).0, 0);
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "--server",
+            &format!("http://{}", s.host()),
+            "rollback",
+            "web",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Kill the client as soon as the server accepted the rollback (Ctrl-C would
+    // do the same): its first line says so.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let st = poll(Duration::from_secs(60), || {
+        let st = s.get("/api/v1/services/web").json();
+        (st["active"] == 3 && st["phase"] == "idle").then_some(st)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the rollback finished: {}",
+            s.get("/api/v1/services/web").json()
+        )
+    });
+    assert_eq!(st["revisions"][2]["spec_image"], "hello:1", "{st}");
+    assert!(serving(port).starts_with("hello 1"));
+    assert_eq!(st["instances"].as_array().map(Vec::len), Some(3));
+    assert_eq!(st["replicas"], 3);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+#[test]
+fn ingress_changes_take_effect_without_dropping_open_connections() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    assert_eq!(
+        deploy(&s, &write_spec(dir.path(), &spec(port, "hello:1", ""))).0,
+        0
+    );
+    let st = s.get("/api/v1/services/web").json();
+    assert_eq!(st["proxy"]["balance"], "round-robin", "{st}");
+    assert_eq!(st["proxy"]["hold_timeout_ms"], 10_000);
+    let mut conn = None;
+    assert_eq!(one_request(&mut conn, port).expect("request").0, 200);
+    let changed = spec(port, "hello:1", "").replace(
+        "[ingress]\n",
+        "[ingress]\nbalance = \"least-requests\"\nhold_timeout = \"3s\"\n",
+    );
+    let (code, out) = deploy(&s, &write_spec(dir.path(), &changed));
+    assert_eq!(code, 0, "{out}");
+    let st = s.get("/api/v1/services/web").json();
+    assert_eq!(st["proxy"]["balance"], "least-requests", "{st}");
+    assert_eq!(st["proxy"]["hold_timeout_ms"], 3_000);
+    // The connection opened before the change still serves.
+    assert_eq!(
+        one_request(&mut conn, port).expect("same connection").0,
+        200
+    );
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+#[test]
+fn rm_removes_only_containers_and_service_logs_merge_every_instance() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    assert_eq!(
+        deploy(&s, &write_spec(dir.path(), &spec(port, "hello:1", ""))).0,
+        0
+    );
+    let (code, _, err) = cli(BIN, &s, &["rm", "web"]);
+    assert_eq!(code, 5, "no container is named web: {err}");
+    assert!(err.contains("no container named \"web\""), "{err}");
+    assert_eq!(
+        s.get("/api/v1/services/web").json()["active"],
+        1,
+        "the service stays"
+    );
+    let (code, out, err) = cli(BIN, &s, &["service", "logs", "web", "--tail", "5"]);
+    assert_eq!(code, 0, "{err}");
+    let st = s.get("/api/v1/services/web").json();
+    for i in st["instances"].as_array().expect("instances") {
+        let id = i["id"].as_str().expect("id");
+        assert!(out.contains(&format!("{id} | hello ")), "{id} in {out}");
+    }
+    let (code, out, _) = cli(BIN, &s, &["service", "ls", "-o", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["name"], "web");
+    let (code, _, err) = cli(BIN, &s, &["service", "status", "nope"]);
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+#[test]
+fn a_data_directory_of_the_previous_release_opens_with_its_services_intact() {
+    let data = tempfile::tempdir().expect("tmp");
+    let digest = {
+        let s = TestServer::start_on(BIN, data.path(), &[]);
+        slipway_testkit::pack(
+            BIN,
+            &s,
+            "hello:1",
+            "/hello",
+            &["--env", "HELLO_VERSION=1"],
+            &format!("{}:/hello", hello_bin().display()),
+        )
+    };
+    let port = free_port();
+    let spec = format!(
+        r#"{{"name":"web","image":"hello:1","replicas":2,"env":{{}},"memory":null,"cpus":null,"volumes":[],"ingress":{{"listen":"127.0.0.1:{port}","hold_timeout":"10s","balance":"round-robin"}},"health":{{"readiness":null,"liveness":null,"startup":null}},"strategy":{{"type":"rolling","max_surge":1,"max_unavailable":0}},"drain_timeout":"30s","progress_deadline":"5m","analysis":{{"max_error_rate":0.01,"max_p99":null,"min_requests":20}},"trigger":null,"autoscale":null}}"#
+    );
+    // Exactly what the previous release wrote: spec and state side by side.
+    let legacy = format!(
+        r#"{{"spec":{spec},"state":{{"name":"web","revisions":[{{"number":1,"image":"hello@{digest}","spec":{spec},"status":"active","message":null,"created_ms":1}}],"active":1,"instances":[],"phase":"revision 1 is live with 2 instances","weights":[[1,100]]}}}}"#
+    );
+    std::fs::create_dir_all(data.path().join("services")).expect("mkdir");
+    std::fs::write(data.path().join("services/web.json"), legacy).expect("write");
+    let s = TestServer::start_on(BIN, data.path(), &[]);
+    let st = poll(Duration::from_secs(30), || {
+        let st = s.get("/api/v1/services/web").json();
+        (st["active"] == 1 && st["instances"].as_array().is_some_and(|i| i.len() == 2))
+            .then_some(st)
+    })
+    .unwrap_or_else(|| panic!("recovered: {}", s.get("/api/v1/services/web").json()));
+    assert_eq!(st["revisions"][0]["image"], format!("hello@{digest}"));
+    assert!(serving(port).starts_with("hello 1"));
+    assert!(data.path().join("services/web.json.migrated").exists());
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+/// The cgroup leaves (runc ids) of this service's containers on one hierarchy.
+fn cgroups_of(prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/pids/slipway")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_daemon_killed_at_random_moments_converges_every_time_with_nothing_orphaned() {
+    let mut s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    pack_hello(&s, "hello:2", "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let svc = |img: &str, replicas: u32| {
+        spec(port, img, "")
+            .replace("name = \"web\"", "name = \"crashy\"")
+            .replace("replicas = 3", &format!("replicas = {replicas}"))
+            + "[env]\nHELLO_START_DELAY_MS = \"300\"\n"
+    };
+    assert_eq!(deploy(&s, &write_spec(dir.path(), &svc("hello:1", 2))).0, 0);
+    let mut seen_revisions = 1;
+    let mut seen_active = 1;
+    // A fixed sequence of moments, spread over the operations' lifetimes.
+    let delays = [150u64, 900, 400, 1300, 50, 700, 1100, 250, 600, 1500];
+    for (round, delay) in delays.iter().enumerate() {
+        let args: Vec<String> = match round % 3 {
+            0 => {
+                let img = if round % 2 == 0 { "hello:2" } else { "hello:1" };
+                let f = write_spec(dir.path(), &svc(img, 2 + (round as u32 % 2)));
+                vec!["deploy".into(), "--detach".into(), f]
+            }
+            1 => vec!["rollback".into(), "crashy".into(), "--detach".into()],
+            _ => vec![
+                "scale".into(),
+                "crashy".into(),
+                (1 + round % 4).to_string(),
+                "--detach".into(),
+            ],
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _ = cli(BIN, &s, &args);
+        // A scenario's moment, not a wait for something: the kill lands wherever
+        // the operation is.
+        std::thread::sleep(Duration::from_millis(*delay));
+        s.crash_and_restart();
+        let st = poll(Duration::from_secs(60), || {
+            let st = s.get("/api/v1/services/crashy").json();
+            let active = st["active"].as_u64()?;
+            let want = st["revisions"]
+                .as_array()?
+                .iter()
+                .find(|r| r["number"] == active)?["replicas"]
+                .as_u64()?;
+            let insts = st["instances"].as_array()?;
+            (st["phase"] == "idle"
+                && st["stopping"].as_array().is_some_and(Vec::is_empty)
+                && insts.len() as u64 == want
+                && insts.iter().all(|i| i["revision"] == active))
+            .then_some(st)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "round {round}: did not converge: {}",
+                s.get("/api/v1/services/crashy").json()
+            )
+        });
+        let revisions = st["revisions"].as_array().map_or(0, Vec::len);
+        let active = st["active"].as_u64().unwrap_or(0);
+        assert!(
+            revisions >= seen_revisions,
+            "round {round}: revisions went backwards"
+        );
+        assert!(
+            active >= seen_active,
+            "round {round}: the active revision went backwards"
+        );
+        (seen_revisions, seen_active) = (revisions, active);
+        // Exactly the instances, no orphan container or cgroup.
+        let mut ids: Vec<String> = s
+            .get("/api/v1/containers")
+            .json()
+            .as_array()
+            .expect("containers")
+            .iter()
+            .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("crashy-")))
+            .map(|c| c["id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids.len(),
+            st["instances"].as_array().map_or(0, Vec::len),
+            "round {round}: {st}"
+        );
+        if std::path::Path::new("/sys/fs/cgroup/pids/slipway").exists() {
+            assert_eq!(
+                cgroups_of("crashy-"),
+                ids,
+                "round {round}: cgroups match containers"
+            );
+        }
+        assert!(
+            serving(port).starts_with("hello "),
+            "round {round}: serving"
+        );
+    }
+    assert_eq!(cli(BIN, &s, &["service", "rm", "crashy"]).0, 0);
 }

@@ -398,6 +398,20 @@ fn describe(e: &Entry) -> Option<ServiceStatus> {
         name: r.name.clone(),
         image: spec.image.clone(),
         ingress: spec.ingress.listen,
+        proxy: e.traffic.proxy().map(|p| {
+            let (hold, balance) = p.settings();
+            slipway_api::services::ProxyView {
+                balance: match balance {
+                    slipway_proxy::Balance::RoundRobin => {
+                        slipway_core::service::BalanceKind::RoundRobin
+                    }
+                    slipway_proxy::Balance::LeastRequests => {
+                        slipway_core::service::BalanceKind::LeastRequests
+                    }
+                },
+                hold_timeout_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
+            }
+        }),
         replicas: spec.replicas,
         active: r.active,
         phase: r.phase,

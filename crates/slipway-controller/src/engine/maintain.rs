@@ -225,6 +225,12 @@ impl Engine {
     /// revision's live instances serve again, and missing ones are started.
     pub(crate) async fn recover(&mut self) {
         self.set_phase(Phase::Recovering);
+        // The ingress listens again before anything is routed.
+        if let Some(ingress) = self.read(|r| r.spec().map(|s| s.ingress.clone()))
+            && let Err(e) = self.deps.traffic.configure(&ingress).await
+        {
+            self.event(None, format!("ingress.listen: {e}"));
+        }
         let (name, active, insts, interrupted) = self.read(|s| {
             let interrupted: Vec<u64> = s
                 .revisions

@@ -192,7 +192,9 @@ async fn deploy(client: &Client, a: &DeployArgs, format: Format) -> anyhow::Resu
     let acc = client.deploy(&spec).await?;
     if format == Format::Text {
         match (acc.revision, acc.queued, acc.unchanged) {
-            (Some(r), _, true) => println!("service {} revision {r} is already live", acc.service),
+            (Some(r), _, true) => {
+                println!("service {} revision {r} is live (unchanged)", acc.service)
+            }
             (Some(r), _, false) => println!("service {} revision {r} deploying", acc.service),
             (None, true, _) => println!(
                 "service {}: deploy queued behind the operation in progress",
