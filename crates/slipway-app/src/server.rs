@@ -67,8 +67,11 @@ pub async fn serve(
         format!("localhost:{port}"),
         format!("127.0.0.1:{port}"),
     ];
-    let runtime = slipway_runtime::Runtime::open(rt_cfg, store.clone())
-        .context("cannot open the container runtime")?;
+    let runtime = slipway_runtime::Runtime::open(
+        rt_cfg,
+        Arc::new(crate::services::StoreSource(store.clone())),
+    )
+    .context("cannot open the container runtime")?;
     match runtime.recover().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(containers = n, "recovered containers"),

@@ -456,10 +456,7 @@ async fn get_blob(
     if !with_body {
         return Ok((status, headers).into_response());
     }
-    let path = reg.store.blob_file(&digest);
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| RegistryError::from(StoreError::io(format!("open blob {digest}"), e)))?;
+    let mut file = tokio::fs::File::from_std(reg.store.open_blob(&digest)?);
     if start > 0 {
         file.seek(SeekFrom::Start(start))
             .await

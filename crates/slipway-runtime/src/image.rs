@@ -1,16 +1,58 @@
-//! Resolving an image reference to its linux/amd64 config and layers, from the
-//! embedded store (read directly, no HTTP) or from a remote registry.
+//! Resolving an image reference to its linux/amd64 config and layers, through an
+//! [`ImageSource`]: the embedded store (the app's implementation reads it directly,
+//! no HTTP) or a remote registry ([`RemoteSource`]).
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use serde_json::Value;
 use slipway_core::{Digest, Reference, RepoName, media};
 use slipway_image::ImageRef;
 use slipway_image::client::RegistryClient;
-use slipway_store::Store;
 
 use crate::RuntimeError;
+
+/// Why a source could not give what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The manifest or blob does not exist (in that repository).
+    #[error("{0}")]
+    NotFound(String),
+    /// Reading or writing locally failed (a full disk, say).
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// A layer blob ready to be read from its start.
+#[derive(Debug)]
+pub struct LayerBlob {
+    /// The open file.
+    pub file: File,
+    /// A download to remove once unpacked (`None` for a blob the source keeps).
+    pub temp: Option<PathBuf>,
+}
+
+/// Where the runtime reads images from.
+#[async_trait]
+pub trait ImageSource: Send + Sync {
+    /// The manifest (media type, bytes) of `repo` at `reference`.
+    async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(String, Vec<u8>), SourceError>;
+    /// A small blob, whole (an image config).
+    async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<u8>, SourceError>;
+    /// A layer blob; a remote source downloads it into `cache` first.
+    async fn layer(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        cache: &Path,
+    ) -> Result<LayerBlob, SourceError>;
+}
 
 /// A layer to unpack.
 #[derive(Debug, Clone)]
@@ -22,7 +64,7 @@ pub struct LayerRef {
 }
 
 /// What a container needs from its image.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ResolvedImage {
     /// The manifest digest actually run.
     pub digest: Digest,
@@ -31,23 +73,77 @@ pub struct ResolvedImage {
     /// Layers, bottom first.
     pub layers: Vec<LayerRef>,
     /// Where the layer blobs come from.
-    pub source: Source,
+    pub source: Arc<dyn ImageSource>,
+    /// The repository they come from.
+    pub repo: RepoName,
 }
 
-/// Where blobs are read from.
-#[derive(Clone)]
-pub enum Source {
-    /// The embedded store.
-    Local(Arc<Store>, RepoName),
-    /// A remote registry (layers are downloaded to a cache first).
-    Remote(Box<RegistryClient>, RepoName),
-}
-
-impl std::fmt::Debug for Source {
+impl std::fmt::Debug for ResolvedImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Local(_, r) => write!(f, "local {r}"),
-            Self::Remote(c, r) => write!(f, "{}/{r}", c.base()),
+        write!(f, "{}@{}", self.repo, self.digest)
+    }
+}
+
+/// A registry over HTTP.
+pub struct RemoteSource(RegistryClient);
+
+impl RemoteSource {
+    /// The registry at `host` (`host:port`).
+    pub fn new(host: &str) -> Self {
+        Self(RegistryClient::new(host))
+    }
+}
+
+#[async_trait]
+impl ImageSource for RemoteSource {
+    async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(String, Vec<u8>), SourceError> {
+        self.0
+            .get_manifest(repo.as_str(), &reference.to_string())
+            .await
+            .map(|(mt, b)| (mt, b.to_vec()))
+            .map_err(|e| SourceError::NotFound(e.to_string()))
+    }
+
+    async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<u8>, SourceError> {
+        self.0
+            .get_blob(repo.as_str(), digest)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| SourceError::NotFound(e.to_string()))
+    }
+
+    async fn layer(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        cache: &Path,
+    ) -> Result<LayerBlob, SourceError> {
+        std::fs::create_dir_all(cache)
+            .map_err(|e| SourceError::Io("create download cache".into(), e))?;
+        let path = cache.join(format!("{}.{}", digest.hex(), uuid::Uuid::new_v4()));
+        match self.0.get_blob_to_file(repo.as_str(), digest, &path).await {
+            Ok(_) => {
+                let file = File::open(&path)
+                    .map_err(|e| SourceError::Io(format!("open download of {digest}"), e))?;
+                Ok(LayerBlob {
+                    file,
+                    temp: Some(path),
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(match e {
+                    // Writing the download failed here (a full disk, say).
+                    slipway_image::client::ClientError::Io(e) => {
+                        SourceError::Io(format!("download layer {digest}"), e)
+                    }
+                    e => SourceError::NotFound(format!("layer {digest}: {e}")),
+                })
+            }
         }
     }
 }
@@ -133,113 +229,74 @@ fn check_config(bytes: &[u8], digest: &Digest, image: &str) -> Result<Value, Run
     Ok(c["config"].clone())
 }
 
-/// Resolves from the embedded store.
-pub fn resolve_local(store: &Arc<Store>, image: &ImageRef) -> Result<ResolvedImage, RuntimeError> {
-    let name = image.to_string();
-    let get = |r: &Reference| {
-        store
-            .get_manifest(&image.repo, r)
-            .map_err(|e| not_found(&name, e))
-    };
-    let (mut meta, mut bytes) = get(&image.reference)?;
-    if media::is_index(&meta.media_type) {
-        let index: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| RuntimeError::ImageInvalid(format!("{name}: {e}")))?;
-        let child = pick_platform(&index, &name)?;
-        (meta, bytes) = get(&Reference::Digest(child))?;
+fn source_error(image: &str, e: SourceError) -> RuntimeError {
+    match e {
+        SourceError::NotFound(m) => not_found(image, m),
+        SourceError::Io(ctx, e) => RuntimeError::Io(ctx, e),
     }
-    let (_, layers, config_digest) = parse_manifest(&bytes, &name)?;
-    let config_bytes = std::fs::read(store.blob_file(&config_digest))
-        .map_err(|e| not_found(&name, format!("config blob {config_digest}: {e}")))?;
-    store
-        .stat_blob(&image.repo, &config_digest)
-        .map_err(|e| not_found(&name, e))?;
-    let config = check_config(&config_bytes, &config_digest, &name)?;
-    for l in &layers {
-        store
-            .stat_blob(&image.repo, &l.digest)
-            .map_err(|e| not_found(&name, e))?;
-    }
-    Ok(ResolvedImage {
-        digest: meta.digest,
-        config,
-        layers,
-        source: Source::Local(store.clone(), image.repo.clone()),
-    })
 }
 
-/// Resolves from a remote registry over HTTP.
-pub async fn resolve_remote(host: &str, image: &ImageRef) -> Result<ResolvedImage, RuntimeError> {
+/// Resolves `image` through `source`: an index picks its linux/amd64 manifest, the
+/// manifest's bytes must match the digest it is asked by, and the config must be
+/// linux/amd64.
+pub async fn resolve(
+    source: Arc<dyn ImageSource>,
+    image: &ImageRef,
+) -> Result<ResolvedImage, RuntimeError> {
     let name = image.to_string();
-    let client = RegistryClient::new(host);
-    let repo = image.repo.as_str();
-    let (mut mt, mut bytes) = client
-        .get_manifest(repo, &image.reference.to_string())
+    let repo = &image.repo;
+    let (mut mt, mut bytes) = source
+        .manifest(repo, &image.reference)
         .await
-        .map_err(|e| not_found(&name, e))?;
-    let mut digest = match &image.reference {
-        Reference::Digest(d) => d.clone(),
-        Reference::Tag(_) => Digest::sha256_of(&bytes),
+        .map_err(|e| source_error(&name, e))?;
+    let mut asked = match &image.reference {
+        Reference::Digest(d) => Some(d.clone()),
+        Reference::Tag(_) => None,
     };
     if media::is_index(&mt)
         || serde_json::from_slice::<Value>(&bytes).is_ok_and(|v| v["manifests"].is_array())
     {
+        if let Some(d) = &asked {
+            check_digest(&bytes, d, &name)?;
+        }
         let index: Value = serde_json::from_slice(&bytes)
             .map_err(|e| RuntimeError::ImageInvalid(format!("{name}: {e}")))?;
         let child = pick_platform(&index, &name)?;
-        (mt, bytes) = client
-            .get_manifest(repo, &child.to_string())
+        (mt, bytes) = source
+            .manifest(repo, &Reference::Digest(child.clone()))
             .await
-            .map_err(|e| not_found(&name, e))?;
-        digest = child;
+            .map_err(|e| source_error(&name, e))?;
+        asked = Some(child);
     }
     let _ = mt;
-    if Digest::sha256_of(&bytes) != digest {
-        return Err(RuntimeError::ImageInvalid(format!(
-            "{name}: manifest does not match its digest {digest}"
-        )));
-    }
+    let digest = match asked {
+        Some(d) => {
+            check_digest(&bytes, &d, &name)?;
+            d
+        }
+        None => Digest::sha256_of(&bytes),
+    };
     let (_, layers, config_digest) = parse_manifest(&bytes, &name)?;
-    let config_bytes = client
-        .get_blob(repo, &config_digest)
+    let config_bytes = source
+        .blob(repo, &config_digest)
         .await
-        .map_err(|e| not_found(&name, e))?;
+        .map_err(|e| source_error(&name, e))?;
     let config = check_config(&config_bytes, &config_digest, &name)?;
     Ok(ResolvedImage {
         digest,
         config,
         layers,
-        source: Source::Remote(Box::new(client), image.repo.clone()),
+        source,
+        repo: repo.clone(),
     })
 }
 
-impl Source {
-    /// A local file holding the layer blob: the store's own file, or a download.
-    pub async fn layer_file(
-        &self,
-        layer: &Digest,
-        cache: &std::path::Path,
-    ) -> Result<PathBuf, RuntimeError> {
-        match self {
-            Self::Local(store, _) => Ok(store.blob_file(layer)),
-            Self::Remote(client, repo) => {
-                std::fs::create_dir_all(cache)
-                    .map_err(|e| RuntimeError::Io("create download cache".into(), e))?;
-                let path = cache.join(format!("{}.{}", layer.hex(), uuid::Uuid::new_v4()));
-                match client.get_blob_to_file(repo.as_str(), layer, &path).await {
-                    Ok(_) => Ok(path),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        Err(match e {
-                            // Writing the download failed here (a full disk, say).
-                            slipway_image::client::ClientError::Io(e) => {
-                                RuntimeError::Io(format!("download layer {layer}"), e)
-                            }
-                            e => RuntimeError::ImageNotFound(format!("layer {layer}: {e}")),
-                        })
-                    }
-                }
-            }
-        }
+/// The manifest bytes must be what the digest names (sha256 digests are checked).
+fn check_digest(bytes: &[u8], digest: &Digest, image: &str) -> Result<(), RuntimeError> {
+    if digest.to_string().starts_with("sha256:") && &Digest::sha256_of(bytes) != digest {
+        return Err(RuntimeError::ImageInvalid(format!(
+            "{image}: manifest does not match its digest {digest}"
+        )));
     }
+    Ok(())
 }

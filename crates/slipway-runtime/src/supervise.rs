@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use slipway_image::ImageRef;
-use slipway_store::Store;
 use tokio::sync::watch;
 
 use crate::RuntimeError;
 use crate::bundle::{self, BundleConfig};
 use crate::cgroupwarm::MigrationWarmer;
-use crate::image::{self, ResolvedImage};
+use crate::image::{self, ImageSource, RemoteSource, ResolvedImage};
 use crate::pidwatch::DirWatch;
 use crate::rootfs::{self, RootfsKind};
 use crate::runc::Runc;
@@ -72,7 +71,8 @@ struct Ctr {
 /// The container manager.
 pub struct Runtime {
     cfg: RuntimeConfig,
-    store: Arc<Store>,
+    /// Images of the embedded registry (anything without a host, or naming it).
+    local: Arc<dyn ImageSource>,
     containers: Mutex<BTreeMap<String, Arc<Ctr>>>,
     unpack_lock: tokio::sync::Mutex<()>,
     warmer: MigrationWarmer,
@@ -151,7 +151,10 @@ impl Ctr {
 impl Runtime {
     /// Opens the runtime rooted at `cfg.root`. Does not require runc yet: a missing
     /// runtime is reported when a container is run.
-    pub fn open(cfg: RuntimeConfig, store: Arc<Store>) -> Result<Arc<Self>, RuntimeError> {
+    pub fn open(
+        cfg: RuntimeConfig,
+        local: Arc<dyn ImageSource>,
+    ) -> Result<Arc<Self>, RuntimeError> {
         for d in [
             "snapshots/sha256",
             "containers",
@@ -164,7 +167,7 @@ impl Runtime {
         sweep_leftovers(&cfg.root);
         Ok(Arc::new(Self {
             cfg,
-            store,
+            local,
             containers: Mutex::default(),
             unpack_lock: tokio::sync::Mutex::new(()),
             warmer: MigrationWarmer::detect(Path::new("/sys/fs/cgroup")),
@@ -199,19 +202,13 @@ impl Runtime {
     pub async fn resolve(&self, reference: &str) -> Result<ResolvedImage, RuntimeError> {
         let r = ImageRef::parse(reference)
             .map_err(|e| RuntimeError::InvalidSpec(format!("image: {e}")))?;
-        match &r.host {
+        let source: Arc<dyn ImageSource> = match &r.host {
             Some(h) if !self.cfg.local_hosts.iter().any(|l| l == h) => {
-                image::resolve_remote(h, &r).await
+                Arc::new(RemoteSource::new(h))
             }
-            _ => {
-                let store = self.store.clone();
-                tokio::task::spawn_blocking(move || image::resolve_local(&store, &r))
-                    .await
-                    .map_err(|e| {
-                        RuntimeError::Io("resolve task".into(), std::io::Error::other(e))
-                    })?
-            }
-        }
+            _ => self.local.clone(),
+        };
+        image::resolve(source, &r).await
     }
 
     /// Unpacks every layer not yet unpacked; returns snapshot dirs, bottom first.
@@ -227,22 +224,29 @@ impl Runtime {
                 let compression = LayerCompression::from_media_type(&layer.media_type)?;
                 let blob = img
                     .source
-                    .layer_file(&layer.digest, &self.cfg.root.join("downloads"))
-                    .await?;
+                    .layer(&img.repo, &layer.digest, &self.cfg.root.join("downloads"))
+                    .await
+                    .map_err(|e| match e {
+                        image::SourceError::NotFound(m) => {
+                            RuntimeError::ImageNotFound(format!("layer {}: {m}", layer.digest))
+                        }
+                        image::SourceError::Io(ctx, e) => RuntimeError::Io(ctx, e),
+                    })?;
                 let tmp = self
                     .cfg
                     .root
                     .join("snapshots")
                     .join(format!("tmp-{}", uuid::Uuid::new_v4()));
-                let (digest, tmp2, blob2) = (layer.digest.clone(), tmp.clone(), blob.clone());
+                let (digest, tmp2) = (layer.digest.clone(), tmp.clone());
                 let lowers: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
+                let image::LayerBlob { file, temp } = blob;
                 let res = tokio::task::spawn_blocking(move || {
-                    unpack::unpack_layer(&blob2, &digest, compression, &tmp2, &lowers)
+                    unpack::unpack_layer(file, &digest, compression, &tmp2, &lowers)
                 })
                 .await
                 .map_err(|e| RuntimeError::Io("unpack task".into(), std::io::Error::other(e)))?;
-                if matches!(img.source, image::Source::Remote(..)) {
-                    let _ = fs::remove_file(&blob);
+                if let Some(temp) = temp {
+                    let _ = fs::remove_file(&temp);
                 }
                 if let Err(e) = res {
                     let _ = fs::remove_dir_all(&tmp);

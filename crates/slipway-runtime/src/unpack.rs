@@ -197,7 +197,7 @@ fn remove_existing(path: &Path) -> io::Result<()> {
 /// that only a lower layer has becomes a copy of it (what overlayfs' copy-up would
 /// give).
 pub fn unpack_layer(
-    blob: &Path,
+    file: File,
     digest: &Digest,
     compression: LayerCompression,
     dest: &Path,
@@ -212,7 +212,6 @@ pub fn unpack_layer(
         source,
     };
     fs::create_dir_all(dest).map_err(write_err(dest))?;
-    let file = File::open(blob).map_err(write_err(blob))?;
     let mut hashing = HashingReader {
         inner: io::BufReader::with_capacity(1 << 20, file),
         hasher: sha2::Sha256::new(),
@@ -449,7 +448,7 @@ mod tests {
     ) -> (tempfile::TempDir, Result<(), UnpackError>) {
         let out = tempfile::tempdir().expect("tmp");
         let r = unpack_layer(
-            f.path(),
+            File::open(f.path()).expect("open"),
             d,
             LayerCompression::None,
             &out.path().join("l"),
@@ -528,7 +527,7 @@ mod tests {
         let garbage = tempfile::NamedTempFile::new().expect("tmp");
         fs::write(garbage.path(), b"definitely not gzip").expect("write");
         let r = unpack_layer(
-            garbage.path(),
+            File::open(garbage.path()).expect("open"),
             &Digest::sha256_of(b"definitely not gzip"),
             LayerCompression::Gzip,
             &out.path().join("l"),

@@ -95,9 +95,19 @@ impl Store {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    /// The file holding a committed blob.
-    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+    /// The file holding a committed blob: the store's business only, so that a
+    /// blob backend other than files can replace it.
+    pub(crate) fn blob_file(&self, digest: &Digest) -> PathBuf {
         self.blobs.path(digest)
+    }
+
+    /// Opens a committed blob for reading. Callers check the repository link first
+    /// (`stat_blob`); this only reads content by digest.
+    pub fn open_blob(&self, digest: &Digest) -> Result<std::fs::File> {
+        std::fs::File::open(self.blob_file(digest)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::BlobUnknown(digest.clone()),
+            _ => StoreError::io(format!("open blob {digest}"), e),
+        })
     }
 
     fn cached_manifest(&self, digest: &Digest) -> Option<Bytes> {

@@ -468,6 +468,89 @@ impl Images for StoreImages {
     }
 }
 
+// === image source ===
+
+/// The runtime reads images of the embedded registry straight from the store (no
+/// HTTP), and only what the repository links: a blob pushed to another repository
+/// is not readable through this one.
+pub(crate) struct StoreSource(pub Arc<Store>);
+
+fn source_error(e: slipway_store::StoreError) -> slipway_runtime::image::SourceError {
+    use slipway_runtime::image::SourceError;
+    match e.kind() {
+        ErrorKind::NotFound => SourceError::NotFound(e.to_string()),
+        _ => SourceError::Io(
+            "read the store".into(),
+            std::io::Error::other(e.to_string()),
+        ),
+    }
+}
+
+#[async_trait]
+impl slipway_runtime::image::ImageSource for StoreSource {
+    async fn manifest(
+        &self,
+        repo: &slipway_core::RepoName,
+        reference: &slipway_core::Reference,
+    ) -> Result<(String, Vec<u8>), slipway_runtime::image::SourceError> {
+        let (store, repo, reference) = (self.0.clone(), repo.clone(), reference.clone());
+        tokio::task::spawn_blocking(move || store.get_manifest(&repo, &reference))
+            .await
+            .map_err(|e| {
+                slipway_runtime::image::SourceError::Io(
+                    "store task".into(),
+                    std::io::Error::other(e),
+                )
+            })?
+            .map(|(meta, bytes)| (meta.media_type, bytes.to_vec()))
+            .map_err(source_error)
+    }
+
+    async fn blob(
+        &self,
+        repo: &slipway_core::RepoName,
+        digest: &slipway_core::Digest,
+    ) -> Result<Vec<u8>, slipway_runtime::image::SourceError> {
+        let (store, repo, digest) = (self.0.clone(), repo.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || {
+            store.stat_blob(&repo, &digest).map_err(source_error)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut store.open_blob(&digest).map_err(source_error)?,
+                &mut bytes,
+            )
+            .map_err(|e| {
+                slipway_runtime::image::SourceError::Io(format!("read blob {digest}"), e)
+            })?;
+            Ok(bytes)
+        })
+        .await
+        .map_err(|e| {
+            slipway_runtime::image::SourceError::Io("store task".into(), std::io::Error::other(e))
+        })?
+    }
+
+    async fn layer(
+        &self,
+        repo: &slipway_core::RepoName,
+        digest: &slipway_core::Digest,
+        _cache: &std::path::Path,
+    ) -> Result<slipway_runtime::image::LayerBlob, slipway_runtime::image::SourceError> {
+        let (store, repo, digest) = (self.0.clone(), repo.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || {
+            store.stat_blob(&repo, &digest).map_err(source_error)?;
+            Ok(slipway_runtime::image::LayerBlob {
+                file: store.open_blob(&digest).map_err(source_error)?,
+                temp: None,
+            })
+        })
+        .await
+        .map_err(|e| {
+            slipway_runtime::image::SourceError::Io("store task".into(), std::io::Error::other(e))
+        })?
+    }
+}
+
 // === gates ===
 
 /// The one gate today: the image must resolve to a linux/amd64 manifest.

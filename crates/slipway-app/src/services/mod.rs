@@ -24,7 +24,7 @@ use slipway_runtime::Runtime;
 use slipway_store::Store;
 use tokio::sync::broadcast;
 
-pub(crate) use adapters::{Ports, ephemeral_range, parse_range};
+pub(crate) use adapters::{Ports, StoreSource, ephemeral_range, parse_range};
 pub(crate) use api::router;
 
 use adapters::{PlatformGate, Probes, ProxyTraffic, RuntimeInstances, StoreImages};
