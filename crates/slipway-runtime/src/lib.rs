@@ -21,17 +21,22 @@
 
 pub mod bundle;
 mod cgroupwarm;
+mod container;
 mod durable;
 pub mod image;
+mod logs;
 mod pidwatch;
+mod recover;
 pub mod rootfs;
 pub mod runc;
+mod runtime;
+mod snapshots;
 pub mod spec;
 mod supervise;
 pub mod unpack;
 
+pub use runtime::{ContainerInfo, Runtime, RuntimeConfig, Status};
 pub use spec::{RestartPolicy, RunRequest};
-pub use supervise::{ContainerInfo, Runtime, RuntimeConfig, Status};
 
 use slipway_core::ErrorKind;
 

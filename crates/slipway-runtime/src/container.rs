@@ -1,0 +1,207 @@
+//! Creating a container: name, stop signal, root filesystem, bundle, and its first
+//! start under a supervisor.
+
+use std::fs::{self};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::RuntimeError;
+use crate::bundle::{self, BundleConfig};
+use crate::image::ResolvedImage;
+use crate::rootfs::{self, RootfsKind};
+use crate::spec::{self, RunRequest};
+
+use crate::runtime::*;
+
+impl Runtime {
+    /// Creates and starts a container. Returns once its process has started (or
+    /// already exited).
+    pub async fn run(self: &Arc<Self>, req: RunRequest) -> Result<ContainerInfo, RuntimeError> {
+        spec::validate(&req)?;
+        let runc = self.runc()?;
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("c-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+        if lock(&self.containers).contains_key(&name) || self.dir(&name).exists() {
+            return Err(RuntimeError::AlreadyExists(name));
+        }
+        if let Some(port) = req.port
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
+        {
+            return Err(RuntimeError::PortInUse(port));
+        }
+        let t0 = tokio::time::Instant::now();
+        // Start the cgroup lock's grace period now, under the image and bundle work;
+        // the kick before runc's spawn then finds this one still waiting.
+        self.warmer.kick();
+        let img = self.resolve(&req.image).await?;
+        let lowers = self.ensure_snapshots(&img).await?;
+        tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "image resolved and unpacked");
+
+        let dir = self.dir(&name);
+        // Claim the name on disk; everything below is undone on failure.
+        fs::create_dir(&dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => RuntimeError::AlreadyExists(name.clone()),
+            _ => RuntimeError::Io("create container directory".into(), e),
+        })?;
+        let id = Self::new_id(&name);
+        // The request's stop signal, else the image's StopSignal, else SIGTERM.
+        let stop_signal = match req
+            .stop_signal
+            .clone()
+            .or_else(|| img.config["StopSignal"].as_str().map(str::to_owned))
+        {
+            Some(s) => slipway_core::service::parse_signal(&s).unwrap_or_else(|e| {
+                tracing::warn!(container = %name, "image StopSignal ignored: {e}");
+                15
+            }),
+            None => 15,
+        };
+        match self.prepare(&name, &id, &dir, &req, &img, &lowers) {
+            Ok(kind) => {
+                let info = ContainerInfo {
+                    name: name.clone(),
+                    id,
+                    spec: req,
+                    image_digest: img.digest.to_string(),
+                    status: Status::Created,
+                    pid: None,
+                    exit_code: None,
+                    oom_killed: false,
+                    restart_count: 0,
+                    backoff_ms: None,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    rootfs: kind,
+                    message: None,
+                    stop_signal: Some(stop_signal),
+                };
+                let ctr = Ctr::new(info);
+                ctr.update(&dir, |_| {});
+                lock(&self.containers).insert(name.clone(), ctr.clone());
+                let mut status = ctr.status.subscribe();
+                tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "bundle ready");
+                tokio::spawn(self.clone().supervise(ctr.clone(), runc, None));
+                // Wait for the first start to happen (or fail).
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    status.wait_for(|s| *s != Status::Created),
+                )
+                .await;
+                tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "container started");
+                Ok(lock(&ctr.info).clone())
+            }
+            Err(e) => {
+                let _ = rootfs::release(&dir.join("bundle/rootfs"), RootfsKind::Overlay);
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn prepare(
+        &self,
+        name: &str,
+        id: &str,
+        dir: &Path,
+        req: &RunRequest,
+        img: &ResolvedImage,
+        lowers: &[PathBuf],
+    ) -> Result<RootfsKind, RuntimeError> {
+        let bundle_dir = dir.join("bundle");
+        let rootfs_dir = bundle_dir.join("rootfs");
+        let mut top_first: Vec<PathBuf> = lowers.to_vec();
+        top_first.reverse();
+        let kind = rootfs::prepare(
+            &top_first,
+            &dir.join("upper"),
+            &dir.join("work"),
+            &rootfs_dir,
+        )
+        .map_err(io("prepare root filesystem"))?;
+
+        let cfg = &img.config;
+        let strings = |v: &Value| -> Option<Vec<String>> {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+        };
+        let entrypoint = req
+            .entrypoint
+            .clone()
+            .or_else(|| strings(&cfg["Entrypoint"]))
+            .unwrap_or_default();
+        // An explicit entrypoint drops the image's CMD, as docker does.
+        let cmd = req
+            .command
+            .clone()
+            .or_else(|| {
+                if req.entrypoint.is_some() {
+                    None
+                } else {
+                    strings(&cfg["Cmd"])
+                }
+            })
+            .unwrap_or_default();
+        let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        if args.is_empty() {
+            return Err(RuntimeError::InvalidSpec(
+                "command: the image has no entrypoint or command; give one".into(),
+            ));
+        }
+        let mut env: Vec<String> = strings(&cfg["Env"]).unwrap_or_default();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        let mut set = |kv: String| {
+            let k = kv
+                .split_once('=')
+                .map_or(kv.as_str(), |(k, _)| k)
+                .to_owned();
+            env.retain(|e| e.split_once('=').is_none_or(|(ek, _)| ek != k));
+            env.push(kv);
+        };
+        if let Some(p) = req.port {
+            set(format!("PORT={p}"));
+        }
+        for kv in &req.env {
+            set(kv.clone());
+        }
+        let user = bundle::resolve_user(cfg["User"].as_str().unwrap_or(""), &rootfs_dir)?;
+        let mut binds = Vec::new();
+        for v in &req.volumes {
+            let (vname, path) = v.split_once(':').unwrap_or((v, "/data"));
+            let host = self.cfg.root.join("volumes").join(vname);
+            fs::create_dir_all(&host).map_err(io("create volume"))?;
+            binds.push((host, path.to_owned()));
+        }
+        let bc = BundleConfig {
+            args,
+            env,
+            cwd: cfg["WorkingDir"]
+                .as_str()
+                .filter(|w| w.starts_with('/'))
+                .unwrap_or("/")
+                .to_owned(),
+            user,
+            hostname: name.to_owned(),
+            memory: req.memory.as_deref().map(spec::parse_memory).transpose()?,
+            cpus: req.cpus,
+            pids: req.pids,
+            read_only: req.read_only,
+            binds,
+            cgroup: format!("/slipway/{id}"),
+            nofile: self.cfg.nofile,
+        };
+        bundle::write(&bundle_dir, &bc).inspect_err(|_| {
+            let _ = rootfs::release(&rootfs_dir, kind);
+        })?;
+        Ok(kind)
+    }
+}

@@ -1,0 +1,39 @@
+//! Container logs: one append-only file per container, rotated by size.
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+
+use crate::RuntimeError;
+
+use crate::runtime::*;
+
+impl Runtime {
+    pub(crate) fn open_log(dir: &Path) -> Result<fs::File, RuntimeError> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("container.log"))
+            .map_err(io("open container log"))
+    }
+
+    pub(crate) fn rotate_log(&self, dir: &Path) {
+        let log = dir.join("container.log");
+        if fs::metadata(&log).map(|m| m.len()).unwrap_or(0) <= self.cfg.log_max_bytes {
+            return;
+        }
+        for i in (1..self.cfg.log_files).rev() {
+            let _ = fs::rename(
+                dir.join(format!("container.log.{i}")),
+                dir.join(format!("container.log.{}", i + 1)),
+            );
+        }
+        // Copy then truncate: the container holds the file open with O_APPEND, so
+        // it keeps writing at the (new) end.
+        if fs::copy(&log, dir.join("container.log.1")).is_ok() {
+            let _ = OpenOptions::new()
+                .write(true)
+                .open(&log)
+                .and_then(|f| f.set_len(0));
+        }
+    }
+}
