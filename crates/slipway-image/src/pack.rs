@@ -100,6 +100,8 @@ pub struct ConfigOverrides {
     pub exposed_ports: Vec<String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// STOPSIGNAL, e.g. `SIGQUIT`.
+    pub stop_signal: Option<String>,
 }
 
 /// A built layer, stored in a temp file until pushed.
@@ -388,6 +390,11 @@ pub fn image_config(
     }
     if let Some(u) = &o.user {
         c["User"] = json!(u);
+    }
+    if let Some(sig) = &o.stop_signal {
+        slipway_core::service::parse_signal(sig)
+            .map_err(|e| PackError::Invalid(format!("--stop-signal: {e}")))?;
+        c["StopSignal"] = json!(sig);
     }
     for p in &o.exposed_ports {
         let p = if p.contains('/') {

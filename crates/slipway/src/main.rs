@@ -89,42 +89,18 @@ enum Command {
     /// Short for `container ls`.
     Ps,
     /// Short for `container stop`.
-    Stop {
-        /// Container name.
-        name: String,
-        /// Seconds to wait before SIGKILL (default: the server's runtime.stop_grace).
-        #[arg(long, short = 't')]
-        time: Option<u64>,
-    },
+    Stop(commands::containers::StopArgs),
     /// Short for `container rm`: removes a container (never a service; see
     /// `service rm`).
-    Rm {
-        /// Container name.
-        name: String,
-        /// Stop it first if it is running.
-        #[arg(long, short = 'f')]
-        force: bool,
-    },
+    Rm(commands::containers::RmArgs),
     /// Short for `container logs`.
-    Logs {
-        /// Container name.
-        name: String,
-        /// Keep following until the container is done.
-        #[arg(long, short = 'f')]
-        follow: bool,
-    },
+    Logs(commands::containers::LogsArgs),
     /// Short for `service deploy`.
     Deploy(DeployArgs),
     /// Short for `service status`.
-    Status {
-        /// One service (default: all).
-        service: Option<String>,
-    },
+    Status(commands::services::StatusArgs),
     /// Short for `service history`.
-    History {
-        /// Service name.
-        service: String,
-    },
+    History(commands::services::HistoryArgs),
     /// Short for `service rollback`.
     Rollback(RollbackArgs),
     /// Short for `service scale`.
@@ -244,22 +220,12 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
         Command::Run(a) => ctr::run(&client()?, ContainerCommand::Run(a), format).await?,
         Command::Ps => ctr::run(&client()?, ContainerCommand::Ls, format).await?,
-        Command::Stop { name, time } => {
-            ctr::run(&client()?, ContainerCommand::Stop { name, time }, format).await?
-        }
-        Command::Rm { name, force } => {
-            ctr::run(&client()?, ContainerCommand::Rm { name, force }, format).await?
-        }
-        Command::Logs { name, follow } => {
-            ctr::run(&client()?, ContainerCommand::Logs { name, follow }, format).await?
-        }
+        Command::Stop(a) => ctr::run(&client()?, ContainerCommand::Stop(a), format).await?,
+        Command::Rm(a) => ctr::run(&client()?, ContainerCommand::Rm(a), format).await?,
+        Command::Logs(a) => ctr::run(&client()?, ContainerCommand::Logs(a), format).await?,
         Command::Deploy(a) => svc::run(&client()?, ServiceCommand::Deploy(a), format).await?,
-        Command::Status { service } => {
-            svc::run(&client()?, ServiceCommand::Status { service }, format).await?
-        }
-        Command::History { service } => {
-            svc::run(&client()?, ServiceCommand::History { service }, format).await?
-        }
+        Command::Status(a) => svc::run(&client()?, ServiceCommand::Status(a), format).await?,
+        Command::History(a) => svc::run(&client()?, ServiceCommand::History(a), format).await?,
         Command::Rollback(a) => svc::run(&client()?, ServiceCommand::Rollback(a), format).await?,
         Command::Scale(a) => svc::run(&client()?, ServiceCommand::Scale(a), format).await?,
     })

@@ -792,3 +792,50 @@ fn an_index_runs_its_linux_amd64_manifest() {
         "{err}"
     );
 }
+
+#[test]
+fn stop_sends_the_image_stop_signal_or_the_requested_one_before_sigkill() {
+    let s = TestServer::start(BIN);
+    pack_busybox(&s, "sig:1", &["--stop-signal", "SIGUSR1"]);
+    pack_busybox(&s, "plain:1", &[]);
+    // As PID 1, sh ignores every signal it has no trap for: only USR1 ends it.
+    let script = "trap 'exit 0' USR1; while true; do sleep 0.1; done";
+    let run = |name: &str, image: &str, extra: &[&str]| {
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[image, "--", "sh", "-c", script]);
+        let (code, _, err) = cli(BIN, &s, &args);
+        assert_eq!(code, 0, "{err}");
+        wait_status(&s, name, |i| i["status"] == "running");
+    };
+    run("viaimage", "sig:1", &[]);
+    run("viaflag", "plain:1", &["--stop-signal", "SIGUSR1"]);
+    run("default", "plain:1", &[]);
+    assert_eq!(
+        info(&s, "viaimage")["stop_signal"],
+        10,
+        "the image's StopSignal"
+    );
+    assert_eq!(info(&s, "default")["stop_signal"], 15, "SIGTERM by default");
+    for name in ["viaimage", "viaflag"] {
+        let t = std::time::Instant::now();
+        let (code, _, err) = cli(BIN, &s, &["stop", name, "-t", "20"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{name} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(info(&s, name)["exit_code"], 0, "{name} exited by its trap");
+    }
+    let (code, _, err) = cli(BIN, &s, &["stop", "default", "-t", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        info(&s, "default")["exit_code"],
+        137,
+        "SIGTERM ignored: SIGKILL after the grace"
+    );
+    for name in ["viaimage", "viaflag", "default"] {
+        rm_and_assert_gone(&s, name, false, None);
+    }
+}

@@ -230,6 +230,9 @@ fn tls_serves_the_registry_over_https() {
             "/CN=127.0.0.1",
             "-addext",
             "subjectAltName=IP:127.0.0.1",
+            // A server certificate, not a CA: rustls refuses a CA as the end entity.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
         ])
         .arg("-keyout")
         .arg(&key)
@@ -269,6 +272,45 @@ fn tls_serves_the_registry_over_https() {
         "200 2",
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The CLI speaks https too, trusting the CA it is given (flag or environment).
+    let server = format!("https://{}", s.host());
+    let out = Command::new(BIN)
+        .args(["--server", &server, "--ca-file"])
+        .arg(&cert)
+        .args(["service", "ls", "-o", "json"])
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = Command::new(BIN)
+        .args(["--server", &server, "ps"])
+        .env("SLIPWAY_CA_FILE", &cert)
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["--server", &server, "service", "ls"])
+        .env_remove("SLIPWAY_CA_FILE")
+        .output()
+        .expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "an untrusted certificate: {err}"
+    );
+    assert!(
+        err.contains("cannot reach slipway") && err.to_lowercase().contains("certificate"),
+        "{err}"
     );
 }
 

@@ -143,32 +143,36 @@ impl Services {
         }
     }
 
-    /// Starts the actor of a service and forgets it once it has ended.
-    fn start(
-        self: &Arc<Self>,
-        record: ServiceRecord,
-        version: Option<u64>,
-        recover: bool,
-    ) -> Entry {
-        let name = record.name.clone();
+    /// A new actor for `record`, not yet known to the map.
+    fn spawn_entry(&self, record: ServiceRecord, version: Option<u64>, recover: bool) -> Entry {
         let traffic = Arc::new(ProxyTraffic::default());
         let svc = slipway_controller::spawn(record, version, self.deps(traffic.clone()), recover);
-        let entry = Entry { svc, traffic };
-        lock(&self.map).insert(name.clone(), entry.clone());
+        Entry { svc, traffic }
+    }
+
+    /// Forgets a service once its actor has ended (removed, or a new service whose
+    /// first deploy was refused).
+    fn forget_when_gone(self: &Arc<Self>, entry: Entry) {
         let me = self.clone();
-        let watched = entry.clone();
         tokio::spawn(async move {
-            watched.svc.gone().await;
-            watched.traffic.close_if_unused();
+            entry.svc.gone().await;
+            entry.traffic.close_if_unused();
             let mut map = lock(&me.map);
             if map
-                .get(&name)
-                .is_some_and(|e| Arc::ptr_eq(&e.traffic, &watched.traffic))
+                .get(entry.svc.name())
+                .is_some_and(|e| Arc::ptr_eq(&e.traffic, &entry.traffic))
             {
-                map.remove(&name);
+                map.remove(entry.svc.name());
             }
         });
-        entry
+    }
+
+    /// Starts the actor of a recovered service.
+    fn start(self: &Arc<Self>, record: ServiceRecord, version: Option<u64>) {
+        let name = record.name.clone();
+        let entry = self.spawn_entry(record, version, true);
+        lock(&self.map).insert(name, entry.clone());
+        self.forget_when_gone(entry);
     }
 
     /// Creates or updates a service: the command goes to its actor.
@@ -178,11 +182,22 @@ impl Services {
     ) -> Result<slipway_controller::Accepted, CommandError> {
         // A new service's actor that refused its first deploy ends; retry once.
         for _ in 0..3 {
-            let existing = lock(&self.map).get(&spec.name).cloned();
-            let entry = match existing {
-                Some(e) if !e.svc.is_gone() => e,
-                _ => self.start(ServiceRecord::new(&spec.name), None, false),
+            // Looked up and created under one lock: two deploys of a new service
+            // never make two owners.
+            let (entry, created) = {
+                let mut map = lock(&self.map);
+                match map.get(&spec.name) {
+                    Some(e) if !e.svc.is_gone() => (e.clone(), false),
+                    _ => {
+                        let e = self.spawn_entry(ServiceRecord::new(&spec.name), None, false);
+                        map.insert(spec.name.clone(), e.clone());
+                        (e, true)
+                    }
+                }
             };
+            if created {
+                self.forget_when_gone(entry.clone());
+            }
             match entry
                 .svc
                 .send(Command::Deploy(Box::new(spec.clone())))
@@ -253,7 +268,7 @@ impl Services {
             match serde_json::from_slice::<ServiceRecord>(&v.value) {
                 Ok(record) => {
                     tracing::info!(service = %record.name, "recovering");
-                    self.start(record, Some(v.version), true);
+                    self.start(record, Some(v.version));
                 }
                 Err(e) => tracing::error!(key = %v.key, "unreadable service record; skipped: {e}"),
             }

@@ -15,6 +15,36 @@ use slipway_api::containers::{ContainerInfo, RestartPolicy, RunRequest, Status};
 use crate::exit::Exit;
 use crate::output::{self, Format, short_duration};
 
+/// `stop NAME [-t SECS]`.
+#[derive(clap::Args)]
+pub struct StopArgs {
+    /// Container name.
+    pub name: String,
+    /// Seconds to wait before SIGKILL (default: the server's runtime.stop_grace).
+    #[arg(long, short = 't')]
+    pub time: Option<u64>,
+}
+
+/// `rm NAME [-f]`.
+#[derive(clap::Args)]
+pub struct RmArgs {
+    /// Container name.
+    pub name: String,
+    /// Stop it first if it is running.
+    #[arg(long, short = 'f')]
+    pub force: bool,
+}
+
+/// `logs NAME [-f]`.
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// Container name.
+    pub name: String,
+    /// Keep following until the container is done.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
 /// `container …`.
 #[derive(clap::Subcommand)]
 pub enum ContainerCommand {
@@ -23,29 +53,11 @@ pub enum ContainerCommand {
     /// List containers.
     Ls,
     /// Stop a container: its stop signal, then SIGKILL after the grace period.
-    Stop {
-        /// Container name.
-        name: String,
-        /// Seconds to wait before SIGKILL (default: the server's runtime.stop_grace).
-        #[arg(long, short = 't')]
-        time: Option<u64>,
-    },
+    Stop(StopArgs),
     /// Remove a container and everything it left behind (volumes stay).
-    Rm {
-        /// Container name.
-        name: String,
-        /// Stop it first if it is running.
-        #[arg(long, short = 'f')]
-        force: bool,
-    },
+    Rm(RmArgs),
     /// Print a container's output.
-    Logs {
-        /// Container name.
-        name: String,
-        /// Keep following until the container is done.
-        #[arg(long, short = 'f')]
-        follow: bool,
-    },
+    Logs(LogsArgs),
     /// Show a container's state.
     Inspect {
         /// Container name.
@@ -58,11 +70,13 @@ pub async fn run(client: &Client, c: ContainerCommand, format: Format) -> anyhow
     match c {
         ContainerCommand::Run(a) => run_container(client, *a, format).await,
         ContainerCommand::Ls => ps(client, format).await.map(|()| Exit::Ok),
-        ContainerCommand::Stop { name, time } => {
+        ContainerCommand::Stop(StopArgs { name, time }) => {
             stop(client, &name, time, format).await.map(|()| Exit::Ok)
         }
-        ContainerCommand::Rm { name, force } => rm(client, &name, force).await.map(|()| Exit::Ok),
-        ContainerCommand::Logs { name, follow } => {
+        ContainerCommand::Rm(RmArgs { name, force }) => {
+            rm(client, &name, force).await.map(|()| Exit::Ok)
+        }
+        ContainerCommand::Logs(LogsArgs { name, follow }) => {
             let mut s = client.logs(&name, follow).await?;
             super::services::copy_out(&mut s).await.map(|()| Exit::Ok)
         }

@@ -44,6 +44,9 @@ pub struct PackArgs {
     /// Label KEY=VALUE (repeatable).
     #[arg(long)]
     pub label: Vec<String>,
+    /// The signal that asks the image's process to stop (STOPSIGNAL), e.g. SIGQUIT.
+    #[arg(long)]
+    pub stop_signal: Option<String>,
     /// Layer compression: gzip, zstd or none.
     #[arg(long, default_value = "gzip")]
     pub compression: String,
@@ -81,6 +84,7 @@ pub async fn pack(server_host: &str, a: PackArgs) -> anyhow::Result<()> {
         user: a.user.clone(),
         exposed_ports: a.expose.clone(),
         labels,
+        stop_signal: a.stop_signal.clone(),
     };
     let compression = Compression::parse(&a.compression)?;
 

@@ -49,6 +49,20 @@ pub struct ScaleArgs {
     pub detach: bool,
 }
 
+/// `status [SERVICE]`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// One service (default: all).
+    pub service: Option<String>,
+}
+
+/// `history SERVICE`.
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    /// Service name.
+    pub service: String,
+}
+
 /// `service …`.
 #[derive(clap::Subcommand)]
 pub enum ServiceCommand {
@@ -57,15 +71,9 @@ pub enum ServiceCommand {
     /// List services.
     Ls,
     /// Show a service (or all): revisions, instances, weights, traffic.
-    Status {
-        /// One service (default: all).
-        service: Option<String>,
-    },
+    Status(StatusArgs),
     /// List a service's revisions.
-    History {
-        /// Service name.
-        service: String,
-    },
+    History(HistoryArgs),
     /// Go back to the previous (or a given) revision.
     Rollback(RollbackArgs),
     /// Change the number of instances without downtime.
@@ -122,12 +130,10 @@ pub async fn run(client: &Client, c: ServiceCommand, format: Format) -> anyhow::
     match c {
         ServiceCommand::Deploy(a) => deploy(client, &a, format).await,
         ServiceCommand::Ls => ls(client, format).await.map(|()| Exit::Ok),
-        ServiceCommand::Status { service } => status(client, service.as_deref(), format)
+        ServiceCommand::Status(a) => status(client, a.service.as_deref(), format)
             .await
             .map(|()| Exit::Ok),
-        ServiceCommand::History { service } => {
-            history(client, &service, format).await.map(|()| Exit::Ok)
-        }
+        ServiceCommand::History(a) => history(client, &a.service, format).await.map(|()| Exit::Ok),
         ServiceCommand::Rollback(a) => {
             let acc = client.rollback(&a.service, a.to).await?;
             follow(client, &acc, a.detach, format).await
