@@ -964,3 +964,54 @@ fn a_daemon_killed_at_random_moments_converges_every_time_with_nothing_orphaned(
     }
     assert_eq!(cli(BIN, &s, &["service", "rm", "crashy"]).0, 0);
 }
+
+#[test]
+fn every_admin_api_error_has_one_shape_with_its_kind_and_field() {
+    let s = TestServer::start(BIN);
+    let json = [("content-type", "application/json")];
+    let check = |r: slipway_testkit::Response, status: u16, kind: &str, field: Option<&str>| {
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert_eq!(v["error"]["kind"], kind, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        match field {
+            Some(f) => assert_eq!(v["error"]["field"], f, "{v}"),
+            None => assert!(v["error"].get("field").is_none(), "{v}"),
+        }
+    };
+    let port = free_port();
+    let bad_replicas = format!(
+        r#"{{"spec":{{"name":"web","image":"hello:1","replicas":0,"ingress":{{"listen":"127.0.0.1:{port}"}}}}}}"#
+    );
+    check(
+        s.request("POST", "/api/v1/services", &json, bad_replicas.as_bytes()),
+        400,
+        "invalid_argument",
+        Some("replicas"),
+    );
+    check(s.get("/api/v1/services/nope"), 404, "not_found", None);
+    check(
+        s.request("POST", "/api/v1/services/nope/scale", &json, br#"{"replicas":0}"#),
+        400,
+        "invalid_argument",
+        Some("replicas"),
+    );
+    check(
+        s.request("POST", "/api/v1/services/nope/rollback", &json, b"{}"),
+        404,
+        "not_found",
+        None,
+    );
+    check(s.get("/api/v1/no-such-endpoint"), 404, "not_found", None);
+    check(
+        s.request("POST", "/api/v1/containers", &json, br#"{"image":"x","memory":"lots"}"#),
+        400,
+        "invalid_argument",
+        Some("memory"),
+    );
+    // The events stream filters by service and is NDJSON.
+    let r = s.get("/api/v1/events?service=nope");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    assert!(r.body.is_empty(), "nothing happened to nope");
+}
