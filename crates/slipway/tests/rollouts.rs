@@ -973,7 +973,12 @@ fn every_admin_api_error_has_one_shape_with_its_kind_and_field() {
         assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
         let v = r.json();
         assert_eq!(v["error"]["kind"], kind, "{v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
         match field {
             Some(f) => assert_eq!(v["error"]["field"], f, "{v}"),
             None => assert!(v["error"].get("field").is_none(), "{v}"),
@@ -991,7 +996,12 @@ fn every_admin_api_error_has_one_shape_with_its_kind_and_field() {
     );
     check(s.get("/api/v1/services/nope"), 404, "not_found", None);
     check(
-        s.request("POST", "/api/v1/services/nope/scale", &json, br#"{"replicas":0}"#),
+        s.request(
+            "POST",
+            "/api/v1/services/nope/scale",
+            &json,
+            br#"{"replicas":0}"#,
+        ),
         400,
         "invalid_argument",
         Some("replicas"),
@@ -1004,7 +1014,12 @@ fn every_admin_api_error_has_one_shape_with_its_kind_and_field() {
     );
     check(s.get("/api/v1/no-such-endpoint"), 404, "not_found", None);
     check(
-        s.request("POST", "/api/v1/containers", &json, br#"{"image":"x","memory":"lots"}"#),
+        s.request(
+            "POST",
+            "/api/v1/containers",
+            &json,
+            br#"{"image":"x","memory":"lots"}"#,
+        ),
         400,
         "invalid_argument",
         Some("memory"),
@@ -1014,4 +1029,58 @@ fn every_admin_api_error_has_one_shape_with_its_kind_and_field() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
     assert!(r.body.is_empty(), "nothing happened to nope");
+}
+
+#[test]
+fn a_revision_without_a_linux_amd64_image_is_rejected_before_anything_starts() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let m = s.get("/v2/hello/manifests/1");
+    let digest = m
+        .header("docker-content-digest")
+        .expect("digest")
+        .to_owned();
+    let arm_only = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{},"platform":{{"architecture":"arm64","os":"linux"}}}}]}}"#,
+        m.body.len()
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/hello/manifests/arm",
+        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+        arm_only.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    assert_eq!(
+        deploy(&s, &write_spec(dir.path(), &spec(port, "hello:1", ""))).0,
+        0
+    );
+    let (code, out) = deploy(&s, &write_spec(dir.path(), &spec(port, "hello:arm", "")));
+    assert_eq!(code, 4, "rejected: {out}");
+    assert!(
+        out.contains("was rejected") && out.contains("linux/amd64"),
+        "{out}"
+    );
+    let st = s.get("/api/v1/services/web").json();
+    assert_eq!(st["revisions"][1]["status"], "rejected", "{st}");
+    assert_eq!(st["active"], 1);
+    assert!(
+        st["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .all(|i| i["revision"] == 1)
+    );
+    assert!(
+        serving(port).starts_with("hello 1"),
+        "revision 1 still serves"
+    );
+    let (_, text, _) = cli(BIN, &s, &["status", "web"]);
+    assert!(
+        text.contains("rejected"),
+        "status shows the rejection: {text}"
+    );
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }

@@ -395,7 +395,11 @@ fn view(i: &slipway_controller::Instance) -> InstanceView {
 /// A service's status as the API shows it; `None` before its first revision.
 fn describe(e: &Entry) -> Option<ServiceStatus> {
     let r = e.svc.record();
-    let spec = r.spec()?.clone();
+    // A new service whose only revision was rejected still shows, with that spec.
+    let spec = r
+        .spec()
+        .or_else(|| r.revisions.last().map(|x| &x.spec))?
+        .clone();
     let traffic = e
         .traffic
         .proxy()
