@@ -29,6 +29,19 @@ pub(crate) fn backend_uri(backend: &Backend, uri: &http::Uri) -> http::Uri {
 /// it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
 /// `Transfer-Encoding` and `Upgrade`. hyper frames each hop's body itself.
 pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    let hop = |n: &http::header::HeaderName| {
+        n == header::CONNECTION
+            || n == header::TE
+            || n == header::TRAILER
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+    };
+    // The common case: nothing to strip, decided in one pass without hashing.
+    if !h.keys().any(hop) {
+        return;
+    }
     if let Some(listed) = h.get(header::CONNECTION).cloned()
         && let Ok(listed) = listed.to_str()
     {
