@@ -241,6 +241,24 @@ impl TestServer {
         digest
     }
 
+    /// Pushes, as `repo:tag`, an OCI index whose one entry is the manifest at
+    /// `repo:of` for platform linux/`arch`; returns the push's status.
+    pub fn push_index(&self, repo: &str, tag: &str, of: &str, arch: &str) -> u16 {
+        let m = self.get(&format!("/v2/{repo}/manifests/{of}"));
+        let digest = m.header("docker-content-digest").unwrap_or_default();
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}]}}"#,
+            m.body.len()
+        );
+        self.request(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+            index.as_bytes(),
+        )
+        .status
+    }
+
     /// Pushes an image manifest with the given config and layers under `reference`.
     pub fn push_image(
         &self,

@@ -1035,22 +1035,7 @@ fn every_admin_api_error_has_one_shape_with_its_kind_and_field() {
 fn a_revision_without_a_linux_amd64_image_is_rejected_before_anything_starts() {
     let s = TestServer::start(BIN);
     pack_hello(&s, "hello:1", "1");
-    let m = s.get("/v2/hello/manifests/1");
-    let digest = m
-        .header("docker-content-digest")
-        .expect("digest")
-        .to_owned();
-    let arm_only = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{},"platform":{{"architecture":"arm64","os":"linux"}}}}]}}"#,
-        m.body.len()
-    );
-    let r = s.request(
-        "PUT",
-        "/v2/hello/manifests/arm",
-        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
-        arm_only.as_bytes(),
-    );
-    assert_eq!(r.status, 201);
+    assert_eq!(s.push_index("hello", "arm", "1", "arm64"), 201);
     let dir = tempfile::tempdir().expect("tmp");
     let port = free_port();
     assert_eq!(
