@@ -297,10 +297,15 @@ impl Engine {
     }
 
     fn emit(&self, revision: Option<u64>, message: String, outcome: Option<Outcome>) {
-        let service = self.update(|r| {
-            r.message.clone_from(&message);
-            r.name.clone()
-        });
+        // The record keeps the last thing that happened; an outcome only restates it.
+        let service = if outcome.is_none() {
+            self.update(|r| {
+                r.message.clone_from(&message);
+                r.name.clone()
+            })
+        } else {
+            self.name()
+        };
         tracing::info!(service = %service, ?revision, "{message}");
         let _ = self.deps.events.send(Event {
             at_ms: now_ms(),
