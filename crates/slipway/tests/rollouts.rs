@@ -1069,3 +1069,91 @@ fn a_revision_without_a_linux_amd64_image_is_rejected_before_anything_starts() {
     );
     assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
+
+#[test]
+fn pushes_of_1_2_then_1_1_during_a_rollout_end_on_1_2_with_no_downgrade() {
+    let s = TestServer::start(BIN);
+    for v in ["1.0.0", "1.0.1"] {
+        pack_hello(&s, &format!("hello:{v}"), v);
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let sp = |img: &str| {
+        spec(port, img, "") + "[trigger]\nsemver = \"^1\"\n[env]\nHELLO_START_DELAY_MS = \"600\"\n"
+    };
+    assert_eq!(deploy(&s, &write_spec(dir.path(), &sp("hello:1.0.0"))).0, 0);
+    // A slow rollout is in progress when two pipelines finish out of order.
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &["deploy", "-d", &write_spec(dir.path(), &sp("hello:1.0.1"))],
+    );
+    assert_eq!(code, 0, "{err}");
+    pack_hello(&s, "hello:1.2.0", "1.2.0");
+    pack_hello(&s, "hello:1.1.0", "1.1.0");
+    let st = poll(Duration::from_secs(60), || {
+        let st = s.get("/api/v1/services/web").json();
+        let live = st["revisions"]
+            .as_array()?
+            .iter()
+            .find(|r| r["number"] == st["active"])?["spec_image"]
+            .as_str()?
+            .to_owned();
+        (live == "hello:1.2.0" && st["phase"] == "idle").then_some(st)
+    })
+    .unwrap_or_else(|| panic!("1.2.0 went live: {}", s.get("/api/v1/services/web").json()));
+    // Give a stray 1.1.0 the time it would take to show up, then check it never did.
+    let later = poll(Duration::from_secs(3), || {
+        let v = s.get("/api/v1/services/web").json();
+        (v["revisions"] != st["revisions"]).then_some(v)
+    });
+    assert!(later.is_none(), "nothing came after 1.2.0: {later:?}");
+    let images: Vec<&str> = st["revisions"]
+        .as_array()
+        .expect("revisions")
+        .iter()
+        .filter_map(|r| r["spec_image"].as_str())
+        .collect();
+    assert_eq!(images.last(), Some(&"hello:1.2.0"), "{images:?}");
+    assert!(
+        !images.contains(&"hello:1.1.0"),
+        "never downgraded: {images:?}"
+    );
+    assert!(serving(port).starts_with("hello 1.2.0"));
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+#[test]
+fn a_deploy_during_a_heal_waits_its_turn_and_succeeds() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    pack_hello(&s, "hello:2", "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let sp = |img: &str| spec(port, img, "") + "[env]\nHELLO_START_DELAY_MS = \"1500\"\n";
+    assert_eq!(deploy(&s, &write_spec(dir.path(), &sp("hello:1"))).0, 0);
+    let st = s.get("/api/v1/services/web").json();
+    let victim = st["instances"][0]["id"].as_str().expect("id").to_owned();
+    let pid = s.get(&format!("/api/v1/containers/{victim}")).json()["pid"]
+        .as_u64()
+        .expect("pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    poll(Duration::from_secs(20), || {
+        (s.get("/api/v1/services/web").json()["phase"] == "healing").then_some(())
+    })
+    .expect("the heal started");
+    let (code, out) = deploy(&s, &write_spec(dir.path(), &sp("hello:2")));
+    assert_eq!(
+        code, 0,
+        "a deploy during a heal is queued, not refused: {out}"
+    );
+    assert!(out.contains("queued"), "{out}");
+    let st = s.get("/api/v1/services/web").json();
+    assert_eq!(st["active"], 2, "{st}");
+    assert!(serving(port).starts_with("hello 2"));
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
