@@ -26,7 +26,12 @@ use output::Format;
 
 /// Image-driven deployment in one binary.
 #[derive(Parser)]
-#[command(name = "slipway", version, about, after_help = exit_codes_help())]
+#[command(
+    name = "slipway",
+    version,
+    about = "Image-driven deployment in one binary: an OCI registry, containers, and rollouts with zero failed requests",
+    after_help = exit_codes_help()
+)]
 struct Cli {
     /// The slipway server client commands talk to (http:// or https://).
     #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = DEFAULT_SERVER)]
