@@ -87,7 +87,7 @@ async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Resp
         dry_run: q.dry_run,
         ..state.gc.clone()
     };
-    match tasks::gc_once(&state, opts).await {
+    match tasks::gc_once(state.registry.store(), &state.metrics, opts).await {
         Ok(report) => axum::Json(slipway_api::GcReport {
             dry_run: report.dry_run,
             blobs: report

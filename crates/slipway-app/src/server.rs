@@ -111,7 +111,13 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     if let Some(every) = settings.gc.interval {
-        background.spawn(tasks::gc_loop(state.clone(), every.0, stop_rx.clone()));
+        background.spawn(tasks::gc_loop(
+            store.clone(),
+            metrics.clone(),
+            state.gc.clone(),
+            every.0,
+            stop_rx.clone(),
+        ));
     }
     if !settings.webhooks.is_empty() {
         background.spawn(tasks::webhook_loop(

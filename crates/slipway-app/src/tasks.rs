@@ -15,18 +15,21 @@ use slipway_store::{GcOptions, GcReport, Store, StoreError};
 use tokio::sync::{broadcast, watch};
 
 use crate::config::WebhookConfig;
-use crate::http::AppState;
 use crate::metrics::AppMetrics;
 
-pub(crate) async fn gc_once(state: &AppState, opts: GcOptions) -> Result<GcReport, StoreError> {
-    let store = state.registry.store().clone();
+/// One garbage collection of `store`, counted in `metrics`.
+pub(crate) async fn gc_once(
+    store: &Arc<Store>,
+    metrics: &AppMetrics,
+    opts: GcOptions,
+) -> Result<GcReport, StoreError> {
+    let store = store.clone();
     let report = tokio::task::spawn_blocking(move || store.gc(&opts))
         .await
         .map_err(|e| StoreError::Db(format!("gc task failed: {e}")))??;
     if !report.dry_run {
-        state.metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
-        state
-            .metrics
+        metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
+        metrics
             .gc_freed_bytes
             .fetch_add(report.bytes_freed, Ordering::Relaxed);
     }
@@ -40,13 +43,19 @@ pub(crate) async fn gc_once(state: &AppState, opts: GcOptions) -> Result<GcRepor
     Ok(report)
 }
 
-pub(crate) async fn gc_loop(state: AppState, every: Duration, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn gc_loop(
+    store: Arc<Store>,
+    metrics: Arc<AppMetrics>,
+    opts: GcOptions,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await; // the first tick is immediate; wait a whole interval first
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = gc_once(&state, state.gc.clone()).await {
+                if let Err(e) = gc_once(&store, &metrics, opts.clone()).await {
                     tracing::error!("periodic garbage collection failed: {e}");
                 }
             }
