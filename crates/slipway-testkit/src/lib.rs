@@ -14,7 +14,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A running `slipway serve`.
@@ -115,12 +114,17 @@ impl TestServer {
     fn spawn(bin: &Path, data: &Path, extra: Vec<String>, listen: Option<SocketAddr>) -> Self {
         // One slice of instance ports per server (nextest runs tests side by side).
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        // The server writes its bound address here once it listens.
+        let ready = data.join(".ready-addr");
+        let _ = std::fs::remove_file(&ready);
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--data")
             .arg(data)
             .arg("--listen")
             .arg(&listen)
+            .arg("--ready-file")
+            .arg(&ready)
             .args(&extra)
             .env("SLIPWAY_LOG", "info")
             .env("SLIPWAY_PORT_RANGE", port_slice())
@@ -130,33 +134,36 @@ impl TestServer {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
-            let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                log2.lock().unwrap().push(line.clone());
-                if let Some(i) = line.find("listening on ") {
-                    let url = &line[i + "listening on ".len()..];
-                    let addr = url
-                        .split("://")
-                        .nth(1)
-                        .unwrap_or("")
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("");
-                    if let (Some(t), Ok(a)) = (tx.take(), addr.parse::<SocketAddr>()) {
-                        let _ = t.send(a);
-                    }
-                }
+                log2.lock().unwrap().push(line);
             }
         });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+        let addr = poll(Duration::from_secs(30), || {
+            if child.try_wait().ok().flatten().is_some() {
+                return Some(None);
+            }
+            std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .map(Some)
+        })
+        .flatten();
+        let Some(addr) = addr else {
             let _ = child.kill();
             let _ = child.wait();
             panic!("slipway serve did not start: {:?}", log.lock().unwrap());
         };
+        // Its "listening on" line is logged just before the file is written.
+        let _ = poll(Duration::from_secs(5), || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("listening on "))
+                .then_some(())
+        });
         Self {
             child: Some(child),
             addr,

@@ -142,6 +142,10 @@ struct ServeArgs {
     /// PEM private key.
     #[arg(long, env = "SLIPWAY_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Once listening, write the bound address (`host:port`) to this file, for
+    /// supervisors and scripts that start Slipway on port 0.
+    #[arg(long, env = "SLIPWAY_READY_FILE")]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -280,7 +284,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tls_key: args.tls_key,
         },
     )?;
-    slipway_app::serve(settings, shutdown_signal(), |_| {}).await
+    let ready = args.ready_file;
+    slipway_app::serve(settings, shutdown_signal(), move |addr| {
+        if let Some(path) = ready {
+            // Written whole, then renamed: a reader never sees half an address.
+            let mut tmp = path.clone().into_os_string();
+            tmp.push(".tmp");
+            let written = std::fs::write(&tmp, format!("{addr}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                eprintln!("error: cannot write --ready-file {}: {e}", path.display());
+            }
+        }
+    })
+    .await
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
