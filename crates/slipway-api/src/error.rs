@@ -45,6 +45,8 @@ pub fn status_of(kind: ErrorKind) -> u16 {
         ErrorKind::ResourceExhausted => 507,
         ErrorKind::Unavailable => 503,
         ErrorKind::Internal => 500,
+        ErrorKind::Unauthenticated => 401,
+        ErrorKind::PermissionDenied => 403,
     }
 }
 

@@ -19,11 +19,15 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or an unexpected I/O failure.
     Internal,
+    /// No valid credentials were given.
+    Unauthenticated,
+    /// The caller is known but not allowed to do this.
+    PermissionDenied,
 }
 
 impl ErrorKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::NotFound,
         Self::AlreadyExists,
         Self::InvalidArgument,
@@ -31,6 +35,8 @@ impl ErrorKind {
         Self::ResourceExhausted,
         Self::Unavailable,
         Self::Internal,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
     ];
 
     /// The kind's name on the wire (`not_found`, …).
@@ -43,6 +49,8 @@ impl ErrorKind {
             Self::ResourceExhausted => "resource_exhausted",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
         }
     }
 

@@ -28,13 +28,15 @@ pub enum Exit {
     Invalid = 65,
     /// The server cannot be reached or is unavailable (sysexits `EX_UNAVAILABLE`).
     Unavailable = 69,
+    /// Not logged in, or the credentials were refused (sysexits `EX_NOPERM`).
+    Denied = 77,
     /// The configuration is invalid (sysexits `EX_CONFIG`).
     Config = 78,
 }
 
 impl Exit {
     /// The table, for `--help` and the README.
-    pub const TABLE: [(Self, &'static str); 11] = [
+    pub const TABLE: [(Self, &'static str); 12] = [
         (Self::Ok, "success"),
         (Self::Error, "failure not listed below"),
         (Self::RolledBack, "the revision was rolled back"),
@@ -45,6 +47,7 @@ impl Exit {
         (Self::Usage, "bad command line"),
         (Self::Invalid, "invalid spec or value"),
         (Self::Unavailable, "server unreachable or unavailable"),
+        (Self::Denied, "not logged in, or not allowed"),
         (Self::Config, "invalid configuration"),
     ];
 
@@ -56,6 +59,7 @@ impl Exit {
             ErrorKind::InvalidArgument => Self::Invalid,
             ErrorKind::Unavailable => Self::Unavailable,
             ErrorKind::ResourceExhausted | ErrorKind::Internal => Self::Error,
+            ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => Self::Denied,
         }
     }
 
