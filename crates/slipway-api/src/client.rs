@@ -88,6 +88,7 @@ impl ClientError {
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Talks to a running `slipway serve`.
+#[derive(Clone)]
 pub struct Client {
     base: String,
     host: String,
@@ -181,6 +182,17 @@ impl Client {
         &self.base
     }
 
+    /// The same client with another bearer token.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The bearer token sent, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -231,6 +243,8 @@ impl Client {
             Err(_) => ClientError::Api {
                 status,
                 kind: match status {
+                    401 | 429 => ErrorKind::Unauthenticated,
+                    403 => ErrorKind::PermissionDenied,
                     404 => ErrorKind::NotFound,
                     400..500 => ErrorKind::InvalidArgument,
                     503 => ErrorKind::Unavailable,
@@ -463,6 +477,143 @@ impl Client {
     pub async fn status(&self) -> Result<ServerStatus, ClientError> {
         self.call(Method::GET, "/api/v1/status", None::<&()>).await
     }
+
+    // === auth ===
+
+    /// Logs in with a password at the token endpoint; the answer carries a
+    /// refresh token to store.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<crate::auth::TokenResponse, ClientError> {
+        use slipway_core::form::encode;
+        let form = format!(
+            "grant_type=password&username={}&password={}&access_type=offline&client_id=slipway-cli",
+            encode(user),
+            encode(password)
+        );
+        let resp = self
+            .send(
+                Method::POST,
+                "/auth/token",
+                Some(("application/x-www-form-urlencoded", form.into_bytes())),
+            )
+            .await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// Who the server takes this client for.
+    pub async fn whoami(&self) -> Result<crate::auth::WhoAmI, ClientError> {
+        self.call(Method::GET, "/api/v1/whoami", None::<&()>).await
+    }
+
+    /// Every user.
+    pub async fn users(&self) -> Result<Vec<crate::auth::UserInfo>, ClientError> {
+        self.call(Method::GET, "/api/v1/users", None::<&()>).await
+    }
+
+    /// Adds a user.
+    pub async fn add_user(&self, req: &crate::auth::CreateUser) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Config(e.to_string()))?;
+        let resp = self
+            .send(
+                Method::POST,
+                "/api/v1/users",
+                Some(("application/json", body)),
+            )
+            .await?;
+        let _ = resp.into_body().collect().await;
+        Ok(())
+    }
+
+    /// Removes a user.
+    pub async fn remove_user(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &format!("/api/v1/users/{}", seg(name)))
+            .await
+    }
+
+    /// Sets a user's password.
+    pub async fn set_password(&self, name: &str, password: &str) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(&crate::auth::SetPassword {
+            password: password.to_owned(),
+        })
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+        let resp = self
+            .send(
+                Method::PUT,
+                &format!("/api/v1/users/{}/password", seg(name)),
+                Some(("application/json", body)),
+            )
+            .await?;
+        let _ = resp.into_body().collect().await;
+        Ok(())
+    }
+
+    /// API tokens.
+    pub async fn tokens(&self) -> Result<Vec<crate::auth::TokenInfo>, ClientError> {
+        self.call(Method::GET, "/api/v1/tokens", None::<&()>).await
+    }
+
+    /// Creates an API token.
+    pub async fn create_token(
+        &self,
+        req: &crate::auth::CreateToken,
+    ) -> Result<crate::auth::CreatedToken, ClientError> {
+        self.call(Method::POST, "/api/v1/tokens", Some(req)).await
+    }
+
+    /// Revokes an API token by name or id.
+    pub async fn revoke_token(&self, name: &str) -> Result<crate::auth::TokenInfo, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{}", seg(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Secrets (never their values).
+    pub async fn secrets(&self) -> Result<Vec<crate::auth::SecretInfo>, ClientError> {
+        self.call(Method::GET, "/api/v1/secrets", None::<&()>).await
+    }
+
+    /// Sets a secret's value.
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        req: &crate::auth::SetSecret,
+    ) -> Result<crate::auth::SecretInfo, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/api/v1/secrets/{}", seg(name)),
+            Some(req),
+        )
+        .await
+    }
+
+    /// Removes a secret.
+    pub async fn remove_secret(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &format!("/api/v1/secrets/{}", seg(name)))
+            .await
+    }
+
+    /// Audit log entries; `query` is a query string (`since_ms=…&principal=…`).
+    pub async fn audit(&self, query: &str) -> Result<Vec<crate::AuditEntry>, ClientError> {
+        self.call(Method::GET, &format!("/api/v1/audit?{query}"), None::<&()>)
+            .await
+    }
+}
+
+/// A path segment, percent-encoded.
+fn seg(s: &str) -> String {
+    slipway_core::form::encode(s)
 }
 
 /// What `service_logs` asks for.

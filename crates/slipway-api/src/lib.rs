@@ -5,11 +5,13 @@
 //! **Architecture invariant:** this crate depends on no Slipway crate but
 //! `slipway-core`, and knows nothing of how the server does its work.
 
+pub mod auth;
 pub mod client;
 pub mod containers;
 pub mod error;
 pub mod services;
 
+pub use auth::AuditEntry;
 pub use client::{Client, ClientConfig, ClientError, DEFAULT_SERVER};
 pub use error::{ErrorBody, ErrorDetail, status_of};
 

@@ -45,6 +45,85 @@ pub struct FileConfig {
     /// `[services]`
     #[serde(default)]
     pub services: ServicesSection,
+    /// `[auth]`
+    #[serde(default)]
+    pub auth: AuthSection,
+    /// `[audit]`
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Lifetime of registry tokens. Default 5m.
+    pub token_ttl: Dur,
+    /// Lifetime of refresh tokens (`docker login`, `slipway login`). Default 2160h (90 days).
+    pub refresh_ttl: Dur,
+    /// Serve `/metrics` without a token. Default false.
+    pub metrics_public: bool,
+    /// The token endpoint URL put in challenges. Default: derived from the
+    /// request's Host (`http[s]://HOST/auth/token`).
+    pub realm: Option<String>,
+    /// The `service` of challenges and tokens. Default "slipway".
+    pub service: String,
+    /// Where the key that seals secrets lives. Default `<data>/keys/secrets.key`;
+    /// put it on another disk to keep it apart from backups of the data directory.
+    pub secrets_key: Option<PathBuf>,
+    /// Failed logins allowed per source address and per user in `login_window`. Default 10.
+    pub login_failures: usize,
+    /// Default 1m.
+    pub login_window: Dur,
+    /// What callers without credentials may do.
+    pub anonymous: Vec<AnonymousGrant>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            token_ttl: Dur(Duration::from_secs(300)),
+            refresh_ttl: Dur(Duration::from_secs(90 * 24 * 3600)),
+            metrics_public: false,
+            realm: None,
+            service: "slipway".into(),
+            secrets_key: None,
+            login_failures: 10,
+            login_window: Dur(Duration::from_secs(60)),
+            anonymous: Vec::new(),
+        }
+    }
+}
+
+/// `[[auth.anonymous]]`: a role for callers without credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnonymousGrant {
+    /// A repository glob.
+    pub repository: Option<String>,
+    /// A service glob.
+    pub service: Option<String>,
+    /// The role (`reader` is the usual one).
+    pub role: String,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Rotate the audit log past this many bytes. Default 16 MiB.
+    pub max_bytes: u64,
+    /// Rotated files kept. Default 5.
+    pub files: usize,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            max_bytes: 16 << 20,
+            files: 5,
+        }
+    }
 }
 
 /// `[services]`
@@ -177,6 +256,8 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`
     pub tls_key: Option<PathBuf>,
+    /// `--insecure-no-auth`
+    pub insecure_no_auth: bool,
 }
 
 /// The resolved, validated settings `slipway serve` runs with.
@@ -200,6 +281,16 @@ pub struct Settings {
     pub runtime: RuntimeSection,
     /// Ports handed to service instances.
     pub port_range: (u16, u16),
+    /// Authentication.
+    pub auth: slipway_auth::AuthConfig,
+    /// `/metrics` without a token.
+    pub metrics_public: bool,
+    /// The realm of challenges, if fixed.
+    pub realm: Option<String>,
+    /// `--insecure-no-auth`.
+    pub insecure_no_auth: bool,
+    /// The audit log.
+    pub audit: AuditSection,
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -366,7 +457,52 @@ impl Settings {
                 ),
             ));
         }
+        let mut anonymous = slipway_auth::Permissions::default();
+        for (i, a) in file.auth.anonymous.iter().enumerate() {
+            let field = format!("auth.anonymous[{i}]");
+            let (kind, glob) = match (&a.repository, &a.service) {
+                (Some(g), None) => (slipway_auth::Kind::Repository, g),
+                (None, Some(g)) => (slipway_auth::Kind::Service, g),
+                _ => {
+                    return Err(invalid(
+                        &field,
+                        "set exactly one of repository or service".into(),
+                    ));
+                }
+            };
+            let grant = slipway_auth::Grant::parse(kind, &format!("{glob}={}", a.role))
+                .map_err(|e| invalid(&field, e))?;
+            if grant.role == slipway_auth::Role::Admin {
+                return Err(invalid(&field, "anonymous callers cannot be admins".into()));
+            }
+            anonymous.grants.push(grant);
+        }
+        if let Some(r) = &file.auth.realm
+            && !(r.starts_with("http://") || r.starts_with("https://"))
+        {
+            return Err(invalid(
+                "auth.realm",
+                format!("{r:?} must be an http:// or https:// URL of /auth/token"),
+            ));
+        }
+        if file.auth.login_failures == 0 {
+            return Err(invalid("auth.login_failures", "must be at least 1".into()));
+        }
+        let auth = slipway_auth::AuthConfig {
+            service: file.auth.service.clone(),
+            token_ttl: file.auth.token_ttl.0,
+            refresh_ttl: file.auth.refresh_ttl.0,
+            anonymous,
+            limit_failures: file.auth.login_failures,
+            limit_window: file.auth.login_window.0,
+            secrets_key: file.auth.secrets_key.clone(),
+        };
         Ok(Self {
+            auth,
+            metrics_public: file.auth.metrics_public,
+            realm: file.auth.realm.clone(),
+            insecure_no_auth: o.insecure_no_auth,
+            audit: file.audit,
             listen,
             data_dir,
             port_range,

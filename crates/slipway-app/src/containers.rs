@@ -13,6 +13,8 @@ use serde::Deserialize;
 use slipway_core::ErrorKind;
 use slipway_runtime::{RunRequest, Runtime};
 
+use slipway_auth::{Action, Kind};
+
 use crate::api_error::ApiError;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -28,19 +30,35 @@ pub(crate) fn router(runtime: Arc<Runtime>) -> Router {
         .with_state(runtime)
 }
 
-async fn create(State(rt): State<Arc<Runtime>>, body: Bytes) -> Result<Response, ApiError> {
+async fn create(
+    State(rt): State<Arc<Runtime>>,
+    caller: crate::auth::Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: RunRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             ErrorKind::InvalidArgument,
             format!("request body is not a valid run request: {e}"),
         )
     })?;
+    let p = crate::auth::principal(&caller);
+    let name = req.name.clone().unwrap_or_else(|| "*".into());
+    crate::auth::require(&p, Kind::Service, &name, Action::Run)?;
+    if let Some(repo) = rt.local_repo(&req.image) {
+        crate::auth::require(&p, Kind::Repository, &repo, Action::Pull)?;
+    }
     let info = rt.run(req).await?;
-    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+    let mut resp = (StatusCode::CREATED, axum::Json(&info)).into_response();
+    resp.extensions_mut()
+        .insert(crate::auth::AuditTarget(format!("container:{}", info.name)));
+    Ok(resp)
 }
 
-async fn list(State(rt): State<Arc<Runtime>>) -> Response {
-    axum::Json(rt.list()).into_response()
+async fn list(State(rt): State<Arc<Runtime>>, caller: crate::auth::Caller) -> Response {
+    let p = crate::auth::principal(&caller);
+    let mut list = rt.list();
+    list.retain(|c| p.allows(Kind::Service, &c.name, Action::Read));
+    axum::Json(list).into_response()
 }
 
 async fn inspect(

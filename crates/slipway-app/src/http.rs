@@ -21,6 +21,7 @@ pub(crate) struct AppState {
     pub services: Arc<crate::services::Services>,
     pub metrics: Arc<AppMetrics>,
     pub gc: slipway_store::GcOptions,
+    pub gate: Arc<crate::auth::Gate>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -31,6 +32,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .merge(crate::containers::router(state.runtime.clone()))
         .merge(crate::services::router(state.services.clone()))
+        .merge(crate::auth::router(state.gate.clone()))
         .route(
             "/api/v1/{*rest}",
             axum::routing::any(crate::api_error::not_found),
@@ -39,6 +41,10 @@ pub(crate) fn router(state: AppState) -> Router {
     // unknown path with OCI error JSON.
     admin
         .fallback_service(slipway_registry::router(state.registry.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state.gate.clone(),
+            crate::auth::gate,
+        ))
         .layer(axum::middleware::from_fn_with_state(state, count_requests))
 }
 

@@ -9,6 +9,8 @@
 //! that is the binary's job.
 
 mod api_error;
+mod audit;
+mod auth;
 pub mod config;
 mod containers;
 mod http;

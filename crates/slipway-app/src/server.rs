@@ -90,7 +90,40 @@ pub async fn serve(
     )?;
     services.recover(&settings.data_dir.join("services")).await;
     tokio::spawn(services.clone().watch_registry(events.subscribe()));
+    let auth_cfg = settings.auth.clone();
+    let data_dir = settings.data_dir.clone();
+    let auth = tokio::task::spawn_blocking(move || slipway_auth::Auth::open(&data_dir, auth_cfg))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot open the auth database: {e}"))?;
+    let audit = Arc::new(
+        crate::audit::AuditLog::open(
+            &settings.data_dir,
+            settings.audit.max_bytes,
+            settings.audit.files,
+        )
+        .context("cannot open the audit log")?,
+    );
+    let gate = Arc::new(crate::auth::Gate::new(
+        Arc::new(auth),
+        audit,
+        addr,
+        settings.insecure_no_auth,
+        settings.metrics_public,
+        settings.realm.clone(),
+        tls.is_some(),
+    )?);
+    if settings.insecure_no_auth {
+        tracing::warn!(
+            "--insecure-no-auth: authentication is OFF; anyone who can reach {addr} can push, deploy and run containers as root"
+        );
+    } else if !gate.enabled() {
+        tracing::warn!(
+            "authentication is off until a user exists: processes on this host, containers included, can use the admin API; create one with `slipway user add NAME --role admin --data {}`",
+            settings.data_dir.display()
+        );
+    }
     let state = AppState {
+        gate,
         services: services.clone(),
         runtime: runtime.clone(),
         registry,
@@ -155,7 +188,13 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(app.clone());
+        let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut r: http::Request<hyper::body::Incoming>| {
+                r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                r
+            },
+        ));
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();

@@ -316,6 +316,8 @@ fn invalid_name(field: &'static str, name: &str) -> Result<(), AuthError> {
 impl Auth {
     /// Opens `<data>/auth.redb` and the keys under `<data>/keys/`.
     pub fn open(data_dir: &Path, config: AuthConfig) -> Result<Self, AuthError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| DbError::Other(format!("cannot create {}: {e}", data_dir.display())))?;
         let db = AuthDb::open(&data_dir.join("auth.redb"))?;
         let keys = data_dir.join("keys");
         let signer = jwt::Signer::load_or_create(&keys.join("registry-token.ed25519.pk8"))

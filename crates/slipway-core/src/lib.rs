@@ -11,6 +11,7 @@
 mod digest;
 mod duration;
 mod error;
+pub mod form;
 pub mod media;
 mod name;
 pub mod revision;

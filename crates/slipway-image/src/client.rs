@@ -53,6 +53,7 @@ pub enum ClientError {
 pub struct RegistryClient {
     base: String,
     client: Client<HttpConnector, Body>,
+    token: Option<String>,
 }
 
 /// Called with the number of bytes sent so far.
@@ -94,7 +95,15 @@ impl RegistryClient {
         Self {
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),
+            token: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` (a Slipway API or login token) with
+    /// every request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     /// The registry's base URL.
@@ -112,6 +121,9 @@ impl RegistryClient {
         let mut b = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             b = b.header(*k, *v);
+        }
+        if let Some(t) = &self.token {
+            b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = b
             .body(body)

@@ -36,6 +36,12 @@ pub enum Code {
     PaginationNumberInvalid,
     /// UNKNOWN: the registry's own failure.
     Unknown,
+    /// UNAUTHORIZED, 401: no valid credentials.
+    Unauthorized,
+    /// DENIED, 403: the principal may not do this.
+    Denied,
+    /// TOOMANYREQUESTS, 429.
+    TooManyRequests,
 }
 
 /// A registry error: a code, a status, a message and optional detail.
@@ -74,6 +80,9 @@ impl Code {
             Self::TagInvalid => "TAG_INVALID",
             Self::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             Self::Unknown => "UNKNOWN",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::Denied => "DENIED",
+            Self::TooManyRequests => "TOOMANYREQUESTS",
         }
     }
 
@@ -84,6 +93,9 @@ impl Code {
             | Self::ManifestUnknown
             | Self::NameUnknown => StatusCode::NOT_FOUND,
             Self::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Denied => StatusCode::FORBIDDEN,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         }
     }

@@ -22,6 +22,11 @@ use crate::{Action, Registry};
 
 const API_VERSION: &str = "registry/2.0";
 
+/// The principal making a request, put in its extensions by the caller's
+/// authentication layer; carried into [`crate::RegistryEvent`]s.
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
 /// Marks a response with the route it served, for request metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteLabel(pub &'static str);
@@ -89,7 +94,10 @@ async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response> 
         (Route::Manifest(repo, r), Method::GET) => get_manifest(reg, repo, r, true).await,
         (Route::Manifest(repo, r), Method::HEAD) => get_manifest(reg, repo, r, false).await,
         (Route::Manifest(repo, r), Method::PUT) => put_manifest(reg, repo, r, req).await,
-        (Route::Manifest(repo, r), Method::DELETE) => delete_manifest(reg, repo, r).await,
+        (Route::Manifest(repo, r), Method::DELETE) => {
+            let caller = req.extensions().get::<Caller>().map(|c| c.0.clone());
+            delete_manifest(reg, repo, r, caller).await
+        }
         (Route::Manifest(..), m) => Err(not_allowed(&m, "GET, HEAD, PUT, DELETE")),
         (Route::Blob(repo, d), Method::GET) => get_blob(reg, repo, d, req.headers(), true).await,
         (Route::Blob(repo, d), Method::HEAD) => get_blob(reg, repo, d, req.headers(), false).await,
@@ -134,38 +142,9 @@ where
 }
 
 fn parse_query(q: Option<&str>) -> HashMap<String, String> {
-    q.unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter_map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Some((percent_decode(k)?, percent_decode(v)?))
-        })
+    slipway_core::form::pairs(q.unwrap_or(""))
+        .into_iter()
         .collect()
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn hv(s: &str) -> HeaderValue {
@@ -282,6 +261,7 @@ async fn put_manifest(
     r: Reference,
     req: Request,
 ) -> Result<Response> {
+    let caller = req.extensions().get::<Caller>().map(|c| c.0.clone());
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -334,6 +314,7 @@ async fn put_manifest(
         put.tag.map(|t| t.to_string()),
         digest,
         put.media_type,
+        caller,
     );
     Ok((StatusCode::CREATED, headers).into_response())
 }
@@ -346,7 +327,12 @@ fn too_large(limit: usize) -> RegistryError {
     .with_status(StatusCode::PAYLOAD_TOO_LARGE)
 }
 
-async fn delete_manifest(reg: &Registry, repo: RepoName, r: Reference) -> Result<Response> {
+async fn delete_manifest(
+    reg: &Registry,
+    repo: RepoName,
+    r: Reference,
+    caller: Option<String>,
+) -> Result<Response> {
     let rr = repo.clone();
     match r {
         Reference::Digest(d) => {
@@ -357,6 +343,7 @@ async fn delete_manifest(reg: &Registry, repo: RepoName, r: Reference) -> Result
                 None,
                 meta.digest.to_string(),
                 meta.media_type.clone(),
+                caller.clone(),
             );
             for t in tags {
                 reg.publish(
@@ -365,6 +352,7 @@ async fn delete_manifest(reg: &Registry, repo: RepoName, r: Reference) -> Result
                     Some(t.to_string()),
                     meta.digest.to_string(),
                     meta.media_type.clone(),
+                    caller.clone(),
                 );
             }
         }
@@ -382,6 +370,7 @@ async fn delete_manifest(reg: &Registry, repo: RepoName, r: Reference) -> Result
                 Some(t.to_string()),
                 digest.to_string(),
                 media_type,
+                caller,
             );
         }
     }

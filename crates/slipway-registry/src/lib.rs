@@ -13,7 +13,7 @@
 
 mod error;
 mod handlers;
-pub use handlers::RouteLabel;
+pub use handlers::{Caller, RouteLabel};
 mod metrics;
 pub mod route;
 
@@ -68,6 +68,9 @@ pub struct RegistryEvent {
     pub media_type: String,
     /// Milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+    /// Who made the change, when authentication is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
 }
 
 /// Shared state of the registry handlers.
@@ -113,6 +116,7 @@ impl Registry {
         tag: Option<String>,
         digest: String,
         media_type: String,
+        principal: Option<String>,
     ) {
         let timestamp_ms = slipway_core::now_ms();
         // No subscriber is fine: events are best-effort notifications.
@@ -123,6 +127,7 @@ impl Registry {
             digest,
             media_type,
             timestamp_ms,
+            principal,
         });
     }
 }

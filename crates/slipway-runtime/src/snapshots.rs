@@ -23,6 +23,16 @@ impl Runtime {
             .join(digest.hex())
     }
 
+    /// The repository of the embedded registry an image reference names, or
+    /// `None` when it names another registry (or is not a valid reference).
+    pub fn local_repo(&self, reference: &str) -> Option<String> {
+        let r = ImageRef::parse(reference).ok()?;
+        match &r.host {
+            Some(h) if !self.cfg.local_hosts.iter().any(|l| l == h) => None,
+            _ => Some(r.repo.to_string()),
+        }
+    }
+
     /// Resolves an image reference, locally when it names the embedded registry.
     pub async fn resolve(&self, reference: &str) -> Result<ResolvedImage, RuntimeError> {
         let r = ImageRef::parse(reference)

@@ -9,6 +9,7 @@
 )]
 
 mod commands;
+mod credentials;
 mod exit;
 mod output;
 
@@ -36,8 +37,9 @@ struct Cli {
     /// The slipway server client commands talk to (http:// or https://).
     #[arg(long, global = true, env = "SLIPWAY_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
-    /// PEM CA certificates to trust for an https server (default: the system's).
-    #[arg(long, global = true, env = "SLIPWAY_CA_FILE")]
+    /// PEM CA certificates to trust for an https server (default: the system's;
+    /// also SLIPWAY_CA).
+    #[arg(long, visible_alias = "ca", global = true, env = "SLIPWAY_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// Output format of read commands and outcomes: text or json.
     #[arg(long, short = 'o', global = true, default_value = "text")]
@@ -110,6 +112,21 @@ enum Command {
     Rollback(RollbackArgs),
     /// Short for `service scale`.
     Scale(ScaleArgs),
+    /// Log in to the server; every later command uses the stored token
+    /// (SLIPWAY_TOKEN overrides it).
+    Login(commands::auth::LoginArgs),
+    /// Forget the stored token of the server.
+    Logout,
+    /// Who the server takes you for.
+    Whoami,
+    /// Users: add, ls, rm, passwd, import (htpasswd).
+    #[command(subcommand)]
+    User(commands::auth::UserCommand),
+    /// API tokens (robot accounts): create, ls, revoke.
+    #[command(subcommand)]
+    Token(commands::auth::TokenCommand),
+    /// Read the audit log.
+    Audit(commands::auth::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +163,11 @@ struct ServeArgs {
     /// supervisors and scripts that start Slipway on port 0.
     #[arg(long, env = "SLIPWAY_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Turn authentication off even on a non-loopback listener: anyone who can
+    /// reach it can push, deploy and run containers as root. For isolated test
+    /// networks only.
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
 
 #[derive(Subcommand)]
@@ -197,10 +219,15 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
     let format = if cli.json { Format::Json } else { cli.output };
     let config = ClientConfig {
         server: cli.server.clone(),
-        ca_file: cli.ca_file.clone(),
+        ca_file: cli.ca_file.clone().or_else(|| {
+            std::env::var_os("SLIPWAY_CA")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        }),
         token: std::env::var("SLIPWAY_TOKEN")
             .ok()
-            .filter(|t| !t.is_empty()),
+            .filter(|t| !t.is_empty())
+            .or_else(|| credentials::token_for(&cli.server)),
     };
     let client = || Client::new(&config);
     use commands::{containers as ctr, services as svc};
@@ -219,10 +246,14 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Image(c) => {
             let client = client()?;
             match c {
-                ImageCommand::Pack(args) => commands::image::pack(client.host(), *args).await?,
-                ImageCommand::Ls => commands::image::ls(client.host(), format).await?,
+                ImageCommand::Pack(args) => {
+                    commands::image::pack(client.host(), client.token(), *args).await?
+                }
+                ImageCommand::Ls => {
+                    commands::image::ls(client.host(), client.token(), format).await?
+                }
                 ImageCommand::Inspect { reference } => {
-                    commands::image::inspect(client.host(), &reference).await?
+                    commands::image::inspect(client.host(), client.token(), &reference).await?
                 }
             }
             Exit::Ok
@@ -237,6 +268,21 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::History(a) => svc::run(&client()?, ServiceCommand::History(a), format).await?,
         Command::Rollback(a) => svc::run(&client()?, ServiceCommand::Rollback(a), format).await?,
         Command::Scale(a) => svc::run(&client()?, ServiceCommand::Scale(a), format).await?,
+        Command::Login(a) => {
+            let c = client()?.with_token(None);
+            commands::auth::login(&c, &cli.server, a).await.map(done)?
+        }
+        Command::Logout => commands::auth::logout(&cli.server).map(done)?,
+        Command::Whoami => commands::auth::whoami(&client()?, format).await.map(done)?,
+        Command::User(c) => commands::auth::user(|| Ok(client()?), c, format)
+            .await
+            .map(done)?,
+        Command::Token(c) => commands::auth::token(&client()?, c, format)
+            .await
+            .map(done)?,
+        Command::Audit(a) => commands::auth::audit(&client()?, a, format)
+            .await
+            .map(done)?,
     })
 }
 
@@ -282,6 +328,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             data_dir: args.data,
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
+            insecure_no_auth: args.insecure_no_auth,
         },
     )?;
     let ready = args.ready_file;

@@ -15,6 +15,8 @@ use slipway_controller::{Accepted, Command};
 use slipway_core::service::ServiceSpec;
 use tokio::sync::broadcast;
 
+use slipway_auth::{Action, Kind};
+
 use super::Services;
 use crate::api_error::ApiError;
 
@@ -83,6 +85,7 @@ fn spec_error(e: slipway_core::service::SpecError) -> ApiError {
 /// `POST /api/v1/services`: a [`DeployRequest`] as JSON, or the spec as TOML.
 async fn deploy(
     State(s): State<Arc<Services>>,
+    caller: crate::auth::Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -109,12 +112,23 @@ async fn deploy(
         ServiceSpec::from_toml(text).map_err(spec_error)?
     };
     let name = spec.name.clone();
+    let p = crate::auth::principal(&caller);
+    crate::auth::require(&p, Kind::Service, &name, Action::Deploy)?;
+    if let Some(repo) = s.runtime.local_repo(&spec.image) {
+        crate::auth::require(&p, Kind::Repository, &repo, Action::Pull)?;
+    }
     let a = s.deploy(spec).await?;
-    Ok(accepted(&name, a))
+    let mut resp = accepted(&name, a);
+    resp.extensions_mut()
+        .insert(crate::auth::AuditTarget(format!("service:{name}")));
+    Ok(resp)
 }
 
-async fn list(State(s): State<Arc<Services>>) -> Response {
-    axum::Json(s.list()).into_response()
+async fn list(State(s): State<Arc<Services>>, caller: crate::auth::Caller) -> Response {
+    let p = crate::auth::principal(&caller);
+    let mut list = s.list();
+    list.retain(|svc| p.allows(Kind::Service, &svc.name, Action::Read));
+    axum::Json(list).into_response()
 }
 
 async fn status(
@@ -192,10 +206,17 @@ fn line(e: &slipway_api::services::Event) -> Bytes {
 
 /// Recent events as NDJSON; with `follow`, new ones as they happen; with
 /// `service`, only that service's.
-async fn events(State(s): State<Arc<Services>>, Query(q): Query<EventsQuery>) -> Response {
+async fn events(
+    State(s): State<Arc<Services>>,
+    caller: crate::auth::Caller,
+    Query(q): Query<EventsQuery>,
+) -> Response {
     let (recent, rx) = s.hub.subscribe();
-    let wanted =
-        move |e: &slipway_api::services::Event| q.service.as_ref().is_none_or(|n| *n == e.service);
+    let p = crate::auth::principal(&caller);
+    let wanted = move |e: &slipway_api::services::Event| {
+        q.service.as_ref().is_none_or(|n| *n == e.service)
+            && p.allows(Kind::Service, &e.service, Action::Read)
+    };
     let head: Vec<u8> = recent
         .iter()
         .filter(|e| wanted(e))

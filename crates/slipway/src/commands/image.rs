@@ -56,13 +56,13 @@ pub struct PackArgs {
 }
 
 /// `slipway image pack`.
-pub async fn pack(server_host: &str, a: PackArgs) -> anyhow::Result<()> {
+pub async fn pack(server_host: &str, token: Option<&str>, a: PackArgs) -> anyhow::Result<()> {
     let target = ImageRef::parse(&a.tag)?;
     let host =
         a.to.clone()
             .or_else(|| target.host.clone())
             .unwrap_or_else(|| server_host.to_owned());
-    let client = RegistryClient::new(&host);
+    let client = RegistryClient::new(&host).with_token(token.map(str::to_owned));
     let repo = target.repo.to_string();
     let inputs = a
         .inputs
@@ -94,7 +94,7 @@ pub async fn pack(server_host: &str, a: PackArgs) -> anyhow::Result<()> {
     if let Some(from) = &a.from {
         let base = ImageRef::parse(from)?;
         let base_host = base.host.clone().unwrap_or_else(|| host.clone());
-        let bclient = RegistryClient::new(&base_host);
+        let bclient = RegistryClient::new(&base_host).with_token(token.map(str::to_owned));
         let (_, bytes) = bclient
             .get_manifest(base.repo.as_str(), &base.reference.to_string())
             .await
@@ -208,8 +208,12 @@ pub async fn pack(server_host: &str, a: PackArgs) -> anyhow::Result<()> {
 }
 
 /// `slipway image ls`.
-pub async fn ls(server_host: &str, format: crate::output::Format) -> anyhow::Result<()> {
-    let client = RegistryClient::new(server_host);
+pub async fn ls(
+    server_host: &str,
+    token: Option<&str>,
+    format: crate::output::Format,
+) -> anyhow::Result<()> {
+    let client = RegistryClient::new(server_host).with_token(token.map(str::to_owned));
     let mut rows = Vec::new();
     for repo in client.catalog().await? {
         for tag in client.tags(&repo).await.unwrap_or_default() {
@@ -247,10 +251,14 @@ pub async fn ls(server_host: &str, format: crate::output::Format) -> anyhow::Res
 }
 
 /// `slipway image inspect`.
-pub async fn inspect(server_host: &str, reference: &str) -> anyhow::Result<()> {
+pub async fn inspect(
+    server_host: &str,
+    token: Option<&str>,
+    reference: &str,
+) -> anyhow::Result<()> {
     let r = ImageRef::parse(reference)?;
     let host = r.host.clone().unwrap_or_else(|| server_host.to_owned());
-    let client = RegistryClient::new(&host);
+    let client = RegistryClient::new(&host).with_token(token.map(str::to_owned));
     let (media_type, bytes) = client
         .get_manifest(r.repo.as_str(), &r.reference.to_string())
         .await?;

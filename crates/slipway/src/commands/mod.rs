@@ -2,6 +2,7 @@
 
 //! One module per command group.
 
+pub mod auth;
 pub mod containers;
 pub mod image;
 pub mod services;
