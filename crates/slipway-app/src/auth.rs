@@ -362,6 +362,29 @@ impl Gate {
     }
 }
 
+impl crate::services::PushPolicy for Gate {
+    fn admit(&self, principal: Option<&str>, service: &str, repo: &str) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let Some(name) = principal else {
+            return Err("the push carried no principal".into());
+        };
+        let p = self
+            .auth
+            .principal_named(name)
+            .map_err(|e| format!("cannot check {name}'s rights: {e}"))?
+            .ok_or_else(|| format!("{name} no longer exists"))?;
+        if !p.allows(Kind::Service, service, Action::Deploy) {
+            return Err(format!("{name} may not deploy service {service:?}"));
+        }
+        if !p.allows(Kind::Repository, repo, Action::Pull) {
+            return Err(format!("{name} may not pull repository {repo:?}"));
+        }
+        Ok(())
+    }
+}
+
 fn peer_of(req: &Request) -> IpAddr {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -404,7 +427,13 @@ fn refuse(g: &Gate, headers: &HeaderMap, path: &str, need: &Need, why: Refusal) 
         }
         Refusal::Denied(msg) => {
             if registry {
-                RegistryError::new(Code::Denied, msg).into_response()
+                // The challenge lets clients that cached a narrower token (oras)
+                // fetch one for this scope before giving up.
+                let mut resp = RegistryError::new(Code::Denied, msg).into_response();
+                if let Ok(v) = HeaderValue::from_str(&g.challenge(headers, need, true)) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                resp
             } else {
                 ApiError::new(ErrorKind::PermissionDenied, msg).into_response()
             }
@@ -519,6 +548,7 @@ pub(crate) async fn gate(State(g): State<Arc<Gate>>, mut req: Request, next: Nex
             && matches!(op.need, Need::Repo(..) | Need::Catalog)
             && principal.name == "anonymous"
         {
+            // An anonymous registry token: log in for more.
             refuse(
                 &g,
                 req.headers(),
@@ -731,7 +761,11 @@ async fn token(State(g): State<Arc<Gate>>, req: Request) -> Response {
             Some(v) => match slipway_auth::header::parse(v.as_bytes()) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    return oauth_error(StatusCode::UNAUTHORIZED, Code::Unauthorized, e.to_string());
+                    return oauth_error(
+                        StatusCode::UNAUTHORIZED,
+                        Code::Unauthorized,
+                        e.to_string(),
+                    );
                 }
             },
         }

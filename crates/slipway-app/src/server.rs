@@ -89,7 +89,6 @@ pub async fn serve(
         crate::services::Ports::new(settings.port_range.0, settings.port_range.1),
     )?;
     services.recover(&settings.data_dir.join("services")).await;
-    tokio::spawn(services.clone().watch_registry(events.subscribe()));
     let auth_cfg = settings.auth.clone();
     let data_dir = settings.data_dir.clone();
     let auth = tokio::task::spawn_blocking(move || slipway_auth::Auth::open(&data_dir, auth_cfg))
@@ -122,6 +121,11 @@ pub async fn serve(
             settings.data_dir.display()
         );
     }
+    tokio::spawn(
+        services
+            .clone()
+            .watch_registry(events.subscribe(), gate.clone()),
+    );
     let state = AppState {
         gate,
         services: services.clone(),

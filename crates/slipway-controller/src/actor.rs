@@ -189,6 +189,37 @@ impl Service {
     /// Offers a pushed tag of `repo`: it waits in the trigger slot when the
     /// service's trigger wants it. Returns whether it was offered.
     pub fn offer_push(&self, repo: &str, tag: &str) -> bool {
+        self.offer_push_if(repo, tag, || Ok(())) == Ok(true)
+    }
+
+    /// As [`offer_push`](Self::offer_push), but a matching push is offered only
+    /// if `admit` agrees (the pusher may deploy this service): `Ok(false)` for
+    /// no match, `Err(reason)` for a match that `admit` refused.
+    pub fn offer_push_if(
+        &self,
+        repo: &str,
+        tag: &str,
+        admit: impl FnOnce() -> Result<(), String>,
+    ) -> Result<bool, String> {
+        if !self.push_matches(repo, tag) {
+            return Ok(false);
+        }
+        admit()?;
+        let record = self.record();
+        let Some(t) = record.spec().and_then(|s| s.trigger.clone()) else {
+            return Ok(false);
+        };
+        self.triggers.offer(
+            &t,
+            Offer {
+                tag: tag.to_owned(),
+                image: format!("{repo}:{tag}"),
+            },
+        );
+        Ok(true)
+    }
+
+    fn push_matches(&self, repo: &str, tag: &str) -> bool {
         let record = self.record();
         let Some(spec) = record.spec() else {
             return false;
@@ -202,17 +233,7 @@ impl Service {
         let current = record
             .active_revision()
             .and_then(|r| trigger::tag_of(&r.spec.image).map(str::to_owned));
-        if !trigger::matches(t, tag, current.as_deref()) {
-            return false;
-        }
-        self.triggers.offer(
-            t,
-            Offer {
-                tag: tag.to_owned(),
-                image: format!("{repo}:{tag}"),
-            },
-        );
-        true
+        trigger::matches(t, tag, current.as_deref())
     }
 
     /// Resolves once the actor has ended (the service was removed).

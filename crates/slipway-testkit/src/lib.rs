@@ -27,6 +27,35 @@ pub struct TestServer {
     _tmp: Option<tempfile::TempDir>,
     bin: PathBuf,
     extra: Vec<String>,
+    /// An admin API token, on servers from [`TestServer::start_secure`]; [`cli`]
+    /// passes it as `SLIPWAY_TOKEN`.
+    pub admin_token: Option<String>,
+}
+
+/// The admin of [`TestServer::start_secure`]: user name and password.
+pub const ADMIN: (&str, &str) = ("admin", "admin-secret-pw");
+
+/// An `Authorization: Basic` value.
+pub fn basic(user: &str, password: &str) -> String {
+    let raw = format!("{user}:{password}");
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in raw.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(table[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    format!("Basic {out}")
 }
 
 /// A parsed HTTP response.
@@ -101,6 +130,55 @@ impl TestServer {
         s
     }
 
+    /// Starts with authentication on: an admin user ([`ADMIN`]) is created in
+    /// the data directory first, as `slipway user add --data` does.
+    pub fn start_secure(bin: &str, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut child = Command::new(bin)
+            .args([
+                "user",
+                "add",
+                ADMIN.0,
+                "--role",
+                "admin",
+                "--password-stdin",
+                "--data",
+            ])
+            .arg(&data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ADMIN.1.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "user add failed");
+        let mut s = Self::spawn(
+            Path::new(bin),
+            &data,
+            extra.iter().map(|s| (*s).to_owned()).collect(),
+            None,
+        );
+        s._tmp = Some(tmp);
+        let auth = basic(ADMIN.0, ADMIN.1);
+        let r = s.request(
+            "POST",
+            "/api/v1/tokens",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            br#"{"name":"testkit-admin","rights":{"admin":true}}"#,
+        );
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        s.admin_token = r.json()["token"].as_str().map(str::to_owned);
+        s
+    }
+
     /// Starts on an existing data directory (the caller owns it).
     pub fn start_on(bin: &str, data: &Path, extra: &[&str]) -> Self {
         Self::spawn(
@@ -172,6 +250,7 @@ impl TestServer {
             _tmp: None,
             bin: bin.to_owned(),
             extra,
+            admin_token: None,
         }
     }
 
@@ -210,6 +289,7 @@ impl TestServer {
         let addr = self.addr;
         let mut next = Self::spawn(&self.bin, &self.data, self.extra.clone(), Some(addr));
         next._tmp = tmp;
+        next.admin_token = self.admin_token.take();
         std::mem::swap(self, &mut next);
         // `next` now holds the dead child handle (None) and is dropped harmlessly.
     }
@@ -307,7 +387,7 @@ impl TestServer {
 impl TestServer {
     /// The `name` fields of a JSON list the admin API returns (empty on any failure).
     fn names(&self, path: &str) -> Vec<String> {
-        try_request(self.addr, "GET", path)
+        try_request(self.addr, "GET", path, self.admin_token.as_deref())
             .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
             .and_then(|v| {
                 v.as_array().map(|a| {
@@ -327,7 +407,12 @@ impl Drop for TestServer {
         // containers removed under them.
         if self.child.is_some() {
             for name in self.names("/api/v1/services") {
-                let _ = try_request(self.addr, "DELETE", &format!("/api/v1/services/{name}"));
+                let _ = try_request(
+                    self.addr,
+                    "DELETE",
+                    &format!("/api/v1/services/{name}"),
+                    self.admin_token.as_deref(),
+                );
             }
             // Removal is a command the service finishes on its own: wait for it.
             let _ = poll(Duration::from_secs(60), || {
@@ -338,6 +423,7 @@ impl Drop for TestServer {
                     self.addr,
                     "DELETE",
                     &format!("/api/v1/containers/{name}?force=true"),
+                    self.admin_token.as_deref(),
                 );
             }
         }
@@ -363,10 +449,16 @@ fn port_slice() -> String {
 }
 
 /// A request that reports failure instead of panicking (for cleanup paths).
-fn try_request(addr: SocketAddr, method: &str, path: &str) -> Option<Response> {
+fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Option<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes()).ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n").as_bytes()).ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     (raw.starts_with(b"HTTP/1.") && raw.windows(4).any(|w| w == b"\r\n\r\n"))
@@ -558,14 +650,41 @@ pub fn hello_bin() -> PathBuf {
 /// code -1 with what it printed: a hang fails its test with evidence instead of
 /// stalling the suite.
 pub fn cli(bin: &str, server: &TestServer, args: &[&str]) -> (i32, String, String) {
+    cli_with(bin, server, args, &[], None)
+}
+
+/// [`cli`] with extra environment variables and optional stdin.
+pub fn cli_with(
+    bin: &str,
+    server: &TestServer,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> (i32, String, String) {
     let mut child = Command::new(bin)
         .arg("--server")
         .arg(format!("http://{}", server.host()))
         .args(args)
+        .envs(env.iter().copied())
+        .envs(
+            server
+                .admin_token
+                .as_deref()
+                .filter(|_| !env.iter().any(|(k, _)| *k == "SLIPWAY_TOKEN"))
+                .map(|t| ("SLIPWAY_TOKEN", t)),
+        )
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        let _ = w.write_all(text.as_bytes());
+    }
     let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();

@@ -40,6 +40,12 @@ struct Entry {
     traffic: Arc<ProxyTraffic>,
 }
 
+/// Whether a push by `principal` may roll out `service` (the deploy gate of
+/// triggers): the pusher must be allowed to deploy it and to pull `repo`.
+pub(crate) trait PushPolicy: Send + Sync {
+    fn admit(&self, principal: Option<&str>, service: &str, repo: &str) -> Result<(), String>;
+}
+
 /// Recent events and their live stream, behind one lock so a reader that takes
 /// the recent ones and subscribes misses nothing in between.
 pub(crate) struct Hub {
@@ -279,6 +285,7 @@ impl Services {
     pub(crate) async fn watch_registry(
         self: Arc<Self>,
         mut rx: broadcast::Receiver<RegistryEvent>,
+        policy: Arc<dyn PushPolicy>,
     ) {
         loop {
             let ev = match rx.recv().await {
@@ -294,8 +301,27 @@ impl Services {
             };
             let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
             for e in entries {
-                if e.svc.offer_push(&ev.repository, &tag) {
-                    tracing::info!(service = %e.svc.name(), repository = %ev.repository, %tag, "push matches the trigger");
+                let service = e.svc.name().to_owned();
+                let admit = || policy.admit(ev.principal.as_deref(), &service, &ev.repository);
+                match e.svc.offer_push_if(&ev.repository, &tag, admit) {
+                    Ok(true) => {
+                        tracing::info!(%service, repository = %ev.repository, %tag, "push matches the trigger");
+                    }
+                    Ok(false) => {}
+                    Err(why) => {
+                        tracing::info!(%service, repository = %ev.repository, %tag, "push not rolled out: {why}");
+                        self.hub.publish(Event {
+                            at_ms: slipway_core::now_ms(),
+                            service,
+                            revision: None,
+                            command: None,
+                            message: format!(
+                                "push of {}:{tag} not rolled out: {why}",
+                                ev.repository
+                            ),
+                            outcome: None,
+                        });
+                    }
                 }
             }
         }

@@ -1,0 +1,723 @@
+//! Authentication and authorisation, end to end: every route against every kind
+//! of principal, real clients logging in, containers calling the admin API, and
+//! push triggers gated by the pusher's rights.
+
+use std::process::Command;
+use std::time::Duration;
+
+use slipway_testkit::{ADMIN, Response, TestServer, basic, cli, cli_with, poll};
+
+const BIN: &str = env!("CARGO_BIN_EXE_slipway");
+
+fn as_admin(s: &TestServer, method: &str, path: &str, body: &str) -> Response {
+    let auth = basic(ADMIN.0, ADMIN.1);
+    s.request(
+        method,
+        path,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+fn add_user(s: &TestServer, name: &str, rights: &str) {
+    let r = as_admin(
+        s,
+        "POST",
+        "/api/v1/users",
+        &format!(r#"{{"name":"{name}","password":"{name}-password","rights":{rights}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+}
+
+fn everywhere(role: &str) -> String {
+    format!(
+        r#"{{"grants":[{{"kind":"repository","glob":"*","role":"{role}"}},{{"kind":"service","glob":"*","role":"{role}"}}]}}"#
+    )
+}
+
+fn token(s: &TestServer, name: &str, rights: &str, expires: Option<u64>) -> String {
+    let exp = expires.map_or("null".to_owned(), |e| e.to_string());
+    let r = as_admin(
+        s,
+        "POST",
+        "/api/v1/tokens",
+        &format!(r#"{{"name":"{name}","rights":{rights},"expires_in_s":{exp}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
+const ZERO: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+#[test]
+fn every_route_answers_each_principal_as_its_role_allows() {
+    // This test fails hundreds of logins on purpose: lift the per-address limit.
+    let cfg = tempfile::tempdir().expect("tmp");
+    let file = cfg.path().join("slipway.toml");
+    std::fs::write(&file, "[auth]\nlogin_failures = 100000\n").expect("config");
+    let s = TestServer::start_secure(BIN, &["--config", file.to_str().expect("utf8")]);
+    slipway_testkit::pack(
+        BIN,
+        &s,
+        "team/app:v1",
+        "/bin/busybox",
+        &[],
+        "/bin/busybox:/bin/busybox",
+    );
+    for role in ["reader", "developer", "deployer", "maintainer"] {
+        add_user(&s, role, &everywhere(role));
+    }
+    let scoped = token(
+        &s,
+        "ci",
+        r#"{"grants":[{"kind":"repository","glob":"team/app","role":"developer"},{"kind":"service","glob":"app","role":"deployer"}]}"#,
+        None,
+    );
+    let revoked = token(&s, "old", &everywhere("admin"), None);
+    assert_eq!(as_admin(&s, "DELETE", "/api/v1/tokens/old", "").status, 200);
+    let expired = token(&s, "brief", &everywhere("admin"), Some(1));
+
+    // (method, path, body, expected for reader, developer, deployer, maintainer,
+    // admin, scoped token); 'A' = allowed (any answer but 401/403), '3' = 403.
+    let routes: &[(&str, String, &str, &str)] = &[
+        ("GET", "/v2/".into(), "", "AAAAAA"),
+        ("GET", "/v2/_catalog".into(), "", "AAAAA3"),
+        ("GET", "/v2/team/app/tags/list".into(), "", "AAAAAA"),
+        ("HEAD", "/v2/team/app/manifests/v1".into(), "", "AAAAAA"),
+        ("GET", "/v2/other/x/tags/list".into(), "", "AAAAA3"),
+        ("POST", "/v2/team/app/blobs/uploads/".into(), "", "3A3AAA"),
+        ("POST", "/v2/other/x/blobs/uploads/".into(), "", "3A3AA3"),
+        (
+            "DELETE",
+            format!("/v2/team/app/manifests/{ZERO}"),
+            "",
+            "333AA3",
+        ),
+        ("GET", "/api/v1/status".into(), "", "AAAAAA"),
+        ("GET", "/api/v1/services/app".into(), "", "AAAAAA"),
+        ("GET", "/api/v1/services/web".into(), "", "AAAAA3"),
+        (
+            "POST",
+            "/api/v1/services/app/scale".into(),
+            r#"{"replicas":2}"#,
+            "33AAAA",
+        ),
+        (
+            "POST",
+            "/api/v1/services/web/scale".into(),
+            r#"{"replicas":2}"#,
+            "33AAA3",
+        ),
+        (
+            "POST",
+            "/api/v1/services/app/rollback".into(),
+            "{}",
+            "33AAAA",
+        ),
+        ("POST", "/api/v1/services/app/pause".into(), "", "33AAAA"),
+        ("GET", "/api/v1/services/app/logs".into(), "", "33AAAA"),
+        ("DELETE", "/api/v1/services/app".into(), "", "333AA3"),
+        ("GET", "/api/v1/containers/app".into(), "", "AAAAAA"),
+        ("POST", "/api/v1/containers/app/stop".into(), "", "333AA3"),
+        ("DELETE", "/api/v1/containers/app".into(), "", "333AA3"),
+        (
+            "POST",
+            "/api/v1/containers".into(),
+            r#"{"name":"c1","image":"team/app:v1"}"#,
+            "333AA3",
+        ),
+        ("POST", "/api/v1/gc?dry_run=true".into(), "", "3333A3"),
+        ("GET", "/api/v1/users".into(), "", "3333A3"),
+        ("GET", "/api/v1/tokens".into(), "", "3333A3"),
+        ("GET", "/api/v1/audit".into(), "", "3333A3"),
+        ("GET", "/metrics".into(), "", "3333A3"),
+    ];
+    let principals: Vec<(String, String)> = ["reader", "developer", "deployer", "maintainer"]
+        .iter()
+        .map(|r| (r.to_string(), basic(r, &format!("{r}-password"))))
+        .chain([
+            ("admin".to_owned(), basic(ADMIN.0, ADMIN.1)),
+            ("scoped token".to_owned(), format!("Bearer {scoped}")),
+        ])
+        .collect();
+    // The expired token's second has passed once it is refused.
+    assert!(
+        poll(Duration::from_secs(5), || {
+            let r = s.request(
+                "GET",
+                "/v2/",
+                &[("authorization", &format!("Bearer {expired}"))],
+                b"",
+            );
+            (r.status == 401).then_some(())
+        })
+        .is_some(),
+        "the 1 s token expires"
+    );
+    let mut failures = Vec::new();
+    for (method, path, body, expected) in routes {
+        let with = |auth: Option<&str>| {
+            let mut h = vec![("content-type", "application/json")];
+            if let Some(a) = auth {
+                h.push(("authorization", a));
+            }
+            s.request(method, path, &h, body.as_bytes())
+        };
+        for (who, auth) in [
+            ("anonymous", None),
+            ("revoked token", Some(format!("Bearer {revoked}"))),
+            ("expired token", Some(format!("Bearer {expired}"))),
+            (
+                "wrong password",
+                Some(basic("developer", "not-the-password")),
+            ),
+        ] {
+            let r = with(auth.as_deref());
+            if r.status != 401 {
+                failures.push(format!("{who} {method} {path}: {} (want 401)", r.status));
+            }
+        }
+        for ((who, auth), want) in principals.iter().zip(expected.chars()) {
+            let r = with(Some(auth));
+            let ok = match want {
+                'A' => r.status != 401 && r.status != 403,
+                _ => r.status == 403,
+            };
+            if !ok {
+                failures.push(format!(
+                    "{who} {method} {path}: {} (want {want}) {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The two error shapes, and the challenge that starts the token flow.
+    let r = s.get("/v2/team/app/manifests/v1");
+    assert_eq!(r.error_code(), "UNAUTHORIZED");
+    let c = r.header("www-authenticate").expect("challenge");
+    assert!(
+        c.starts_with("Bearer realm=\"http://")
+            && c.contains("/auth/token\",service=\"slipway\",scope=\"repository:team/app:pull\""),
+        "{c}"
+    );
+    let r = s.request(
+        "GET",
+        "/v2/other/x/tags/list",
+        &[("authorization", &format!("Bearer {scoped}"))],
+        b"",
+    );
+    assert_eq!(r.error_code(), "DENIED");
+    let r = s.get("/api/v1/containers");
+    assert_eq!(r.json()["error"]["kind"], "unauthenticated");
+    let r = s.request(
+        "GET",
+        "/api/v1/users",
+        &[("authorization", &basic("reader", "reader-password"))],
+        b"",
+    );
+    assert_eq!(r.json()["error"]["kind"], "permission_denied");
+}
+
+#[test]
+fn registry_tokens_carry_only_the_asked_and_allowed_scopes() {
+    let s = TestServer::start_secure(BIN, &[]);
+    add_user(
+        &s,
+        "dev",
+        r#"{"grants":[{"kind":"repository","glob":"team/*","role":"developer"}]}"#,
+    );
+    let auth = basic("dev", "dev-password");
+    let r = s.request(
+        "GET",
+        "/auth/token?service=slipway&scope=repository:team/a:pull,push&scope=repository:other/b:pull&offline_token=true",
+        &[("authorization", &auth)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    let jwt = j["token"].as_str().expect("token").to_owned();
+    assert_eq!(j["access_token"], j["token"]);
+    assert!(
+        j["refresh_token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("slr_"))
+    );
+    let bearer = format!("Bearer {jwt}");
+    let h = [("authorization", bearer.as_str())];
+    assert_eq!(
+        s.request("GET", "/v2/team/a/tags/list", &h, b"").status,
+        404,
+        "allowed: the repository is empty"
+    );
+    assert_eq!(
+        s.request("GET", "/v2/team/b/tags/list", &h, b"").status,
+        403,
+        "a token for A cannot pull B"
+    );
+    assert_eq!(
+        s.request("GET", "/v2/other/b/tags/list", &h, b"").status,
+        403
+    );
+    // The OAuth2 form: password, then refresh.
+    let form = "grant_type=password&username=dev&password=dev-password&service=slipway&scope=repository%3Ateam%2Fa%3Apull&access_type=offline&client_id=test";
+    let r = s.request(
+        "POST",
+        "/auth/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let refresh = r.json()["refresh_token"]
+        .as_str()
+        .expect("refresh")
+        .to_owned();
+    let form = format!(
+        "grant_type=refresh_token&refresh_token={refresh}&service=slipway&scope=repository%3Ateam%2Fa%3Apush&client_id=test"
+    );
+    let r = s.request(
+        "POST",
+        "/auth/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let bad = "grant_type=password&username=dev&password=wrong&service=slipway";
+    let r = s.request(
+        "POST",
+        "/auth/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        bad.as_bytes(),
+    );
+    assert_eq!(r.status, 401);
+    // The key is published.
+    let jwks = s.get("/auth/jwks.json").json();
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+    // A JWT with alg none made from a real one is refused.
+    let mut parts: Vec<String> = jwt.split('.').map(str::to_owned).collect();
+    parts[0] = "eyJhbGciOiJub25lIn0".into(); // {"alg":"none"}
+    parts[2] = String::new();
+    let forged = format!("Bearer {}", parts.join("."));
+    assert_eq!(
+        s.request(
+            "GET",
+            "/v2/team/a/tags/list",
+            &[("authorization", &forged)],
+            b""
+        )
+        .status,
+        401
+    );
+}
+
+#[test]
+fn cli_login_stores_a_private_token_and_every_command_uses_it() {
+    let s = TestServer::start_secure(BIN, &[]);
+    let home = tempfile::tempdir().expect("tmp");
+    let cfg = home.path().join("cfg");
+    let cfg_s = cfg.to_str().expect("utf8");
+    // No token: refused with the exit code of "denied".
+    let env_none = [("XDG_CONFIG_HOME", cfg_s), ("SLIPWAY_TOKEN", "")];
+    let (code, _, err) = cli_with(BIN, &s, &["ps"], &env_none, None);
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("slipway login"), "{err}");
+    let (code, _, err) = cli_with(
+        BIN,
+        &s,
+        &["login", "-u", ADMIN.0, "--password-stdin"],
+        &env_none,
+        Some("wrong-password\n"),
+    );
+    assert_eq!(code, 77, "{err}");
+    let (code, out, err) = cli_with(
+        BIN,
+        &s,
+        &["login", "-u", ADMIN.0, "--password-stdin"],
+        &env_none,
+        Some(&format!("{}\n", ADMIN.1)),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("logged in"), "{out}");
+    let file = cfg.join("slipway/credentials.json");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&file)
+        .expect("stored")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let (code, out, err) = cli_with(BIN, &s, &["whoami"], &env_none, None);
+    assert_eq!((code, out.trim()), (0, "admin (via login)"), "{err}");
+    let (code, out, err) = cli_with(
+        BIN,
+        &s,
+        &[
+            "token",
+            "create",
+            "deployer-ci",
+            "--service",
+            "app=deployer",
+            "--repo",
+            "team/app=reader",
+            "--expires",
+            "1h",
+        ],
+        &env_none,
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let ci = out.trim().to_owned();
+    assert!(ci.starts_with("slw_"), "{out}");
+    // SLIPWAY_TOKEN overrides the stored login.
+    let env_ci = [("XDG_CONFIG_HOME", cfg_s), ("SLIPWAY_TOKEN", ci.as_str())];
+    let (code, out, _) = cli_with(BIN, &s, &["whoami"], &env_ci, None);
+    assert_eq!((code, out.trim()), (0, "token:deployer-ci (via api-token)"));
+    let (code, _, err) = cli_with(BIN, &s, &["scale", "other", "2"], &env_ci, None);
+    assert_eq!(code, 77, "a deploy token for app cannot scale other: {err}");
+    let (code, out, _) = cli_with(BIN, &s, &["user", "ls"], &env_none, None);
+    assert_eq!(code, 0);
+    assert!(out.contains("admin"), "{out}");
+    let (code, out, _) = cli_with(BIN, &s, &["audit", "--principal", "admin"], &env_none, None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("token.create") && out.contains("token:deployer-ci"),
+        "{out}"
+    );
+    let (code, _, _) = cli_with(BIN, &s, &["logout"], &env_none, None);
+    assert_eq!(code, 0);
+    let (code, _, _) = cli_with(BIN, &s, &["whoami"], &env_none, None);
+    assert_eq!(code, 77);
+    // Nothing Slipway wrote holds the password or the token in clear.
+    let mut hay = Vec::new();
+    for entry in walk(&s.data) {
+        hay.extend(std::fs::read(entry).unwrap_or_default());
+    }
+    hay.extend(s.log().join("\n").into_bytes());
+    for secret in [ADMIN.1, ci.as_str(), "wrong-password"] {
+        assert!(
+            !contains(&hay, secret.as_bytes()),
+            "{secret:?} was written somewhere"
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(walk(&p)),
+            Ok(t) if t.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_container_started_by_slipway_gets_401_from_the_admin_api_and_sees_no_credentials() {
+    let s = TestServer::start_secure(BIN, &[]);
+    slipway_testkit::pack(
+        BIN,
+        &s,
+        "tools:1",
+        "/bin/busybox",
+        &[],
+        "/bin/busybox:/bin/busybox",
+    );
+    let url = format!("http://{}/api/v1/containers", s.host());
+    let (code, out, err) = cli(
+        &s_bin(),
+        &s,
+        &[
+            "run",
+            "--name",
+            "probe",
+            "tools:1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!("env; wget -q -O - {url} 2>&1; echo wget-exit=$?"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("401"), "{out}");
+    assert!(out.contains("wget-exit=1"), "{out}");
+    let token = s.admin_token.clone().expect("token");
+    assert!(
+        !out.contains(&token) && !out.contains("SLIPWAY"),
+        "the container saw the daemon's or the CLI's credentials: {out}"
+    );
+    let (code, _, _) = cli(BIN, &s, &["rm", "probe"]);
+    assert_eq!(code, 0);
+}
+
+fn s_bin() -> String {
+    BIN.to_owned()
+}
+
+#[test]
+fn a_push_by_a_developer_without_deploy_rights_does_not_roll_out_and_the_events_say_why() {
+    let s = TestServer::start_secure(BIN, &[]);
+    slipway_testkit::pack_hello(BIN, &s, "team/hello:1.0.0", "1.0.0");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = slipway_testkit::free_port();
+    let spec = format!(
+        "name = \"app\"\nimage = \"team/hello:1.0.0\"\nreplicas = 1\n[ingress]\nlisten = \"127.0.0.1:{port}\"\n[health.readiness]\nhttp = \"/healthz\"\ninterval = \"100ms\"\n[trigger]\nsemver = \"^1\"\n"
+    );
+    let path = dir.path().join("app.toml");
+    std::fs::write(&path, spec).expect("write");
+    let (code, _, err) = cli(BIN, &s, &["deploy", path.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{err}");
+    let dev = token(
+        &s,
+        "dev-ci",
+        r#"{"grants":[{"kind":"repository","glob":"team/*","role":"developer"}]}"#,
+        None,
+    );
+    let ops = token(&s, "ops-ci", &everywhere("maintainer"), None);
+    // Pushes through the CLI, as the given token.
+    let push = |version: &str, as_token: &str| {
+        let input = format!("{}:/hello", slipway_testkit::hello_bin().display());
+        let env = format!("HELLO_VERSION={version}");
+        let tag = format!("team/hello:{version}");
+        let (code, _, err) = cli_with(
+            BIN,
+            &s,
+            &[
+                "image",
+                "pack",
+                "-q",
+                "--tag",
+                &tag,
+                "--entrypoint",
+                "/hello",
+                "--env",
+                &env,
+                "--expose",
+                "8080",
+                &input,
+            ],
+            &[("SLIPWAY_TOKEN", as_token)],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+    };
+    push("1.1.0", &dev);
+    let events = poll(Duration::from_secs(20), || {
+        let (_, out, _) = cli(BIN, &s, &["events", "--service", "app"]);
+        out.contains("not rolled out").then_some(out)
+    })
+    .expect("the refusal is in the events");
+    assert!(
+        events.contains("token:dev-ci may not deploy service \"app\""),
+        "{events}"
+    );
+    let st = as_admin(&s, "GET", "/api/v1/services/app", "").json();
+    assert_eq!(
+        st["revisions"].as_array().map(Vec::len),
+        Some(1),
+        "no new revision: {st}"
+    );
+    // A maintainer's push rolls out.
+    push("1.2.0", &ops);
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let st = as_admin(&s, "GET", "/api/v1/services/app", "").json();
+            (st["revisions"].as_array().map(Vec::len) == Some(2)).then_some(())
+        })
+        .is_some(),
+        "the maintainer's push rolls out: {}",
+        as_admin(&s, "GET", "/api/v1/services/app", "").json()
+    );
+    let (code, _, _) = cli(BIN, &s, &["service", "rm", "app"]);
+    assert_eq!(code, 0);
+}
+
+fn skopeo(args: &[&str]) -> std::process::Output {
+    Command::new("skopeo").args(args).output().expect("skopeo")
+}
+
+#[test]
+fn skopeo_podman_and_oras_log_in_push_and_pull_and_are_refused_without_credentials() {
+    let s = TestServer::start_secure(BIN, &[]);
+    add_user(
+        &s,
+        "dev",
+        r#"{"grants":[{"kind":"repository","glob":"*","role":"developer"}]}"#,
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let layout = slipway_testkit::busybox_layout(tmp.path(), "v1");
+    let src = format!("oci:{}:v1", layout.display());
+    let dst = format!("docker://{}/tools/busybox:v1", s.host());
+    // skopeo: refused without and with wrong credentials, then copy --creds.
+    let out = skopeo(&["copy", "--dest-tls-verify=false", &src, &dst]);
+    assert!(!out.status.success());
+    let out = skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "dev:wrong-password",
+        &src,
+        &dst,
+    ]);
+    assert!(!out.status.success());
+    let out = skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "dev:dev-password",
+        &src,
+        &dst,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // skopeo login stores the credentials in an auth file.
+    let authfile = tmp.path().join("auth.json");
+    let af = authfile.to_str().expect("utf8");
+    let out = skopeo(&[
+        "login",
+        "--tls-verify=false",
+        "--authfile",
+        af,
+        "-u",
+        "dev",
+        "-p",
+        "wrong-password",
+        &s.host(),
+    ]);
+    assert!(!out.status.success(), "a wrong password is refused");
+    let out = skopeo(&[
+        "login",
+        "--tls-verify=false",
+        "--authfile",
+        af,
+        "-u",
+        "dev",
+        "-p",
+        "dev-password",
+        &s.host(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = skopeo(&["inspect", "--tls-verify=false", "--authfile", af, &dst]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // podman login, pull, push.
+    let proot = tmp.path().join("podman");
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .arg("--root")
+            .arg(proot.join("root"))
+            .arg("--runroot")
+            .arg(proot.join("runroot"))
+            .args(["--runtime", "runc", "--storage-driver", "vfs"])
+            .args(args)
+            .env("REGISTRY_AUTH_FILE", tmp.path().join("podman-auth.json"))
+            .output()
+            .expect("podman")
+    };
+    let image = format!("{}/tools/busybox:v1", s.host());
+    assert!(
+        !podman(&["pull", "-q", "--tls-verify=false", &image])
+            .status
+            .success(),
+        "no credentials"
+    );
+    assert!(
+        !podman(&[
+            "login",
+            "--tls-verify=false",
+            "-u",
+            "dev",
+            "-p",
+            "wrong-password",
+            &s.host()
+        ])
+        .status
+        .success()
+    );
+    let out = podman(&[
+        "login",
+        "--tls-verify=false",
+        "-u",
+        "dev",
+        "-p",
+        "dev-password",
+        &s.host(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = podman(&["pull", "-q", "--tls-verify=false", &image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = format!("{}/pod/busybox:v1", s.host());
+    assert!(podman(&["tag", &image, &target]).status.success());
+    let out = podman(&["push", "-q", "--tls-verify=false", &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = podman(&["rmi", "-a", "-f"]);
+
+    // oras (Python) with credentials, refused without and with a wrong password.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/oras_login.py");
+    let oras = |repo: &str, user: &str, pw: &str| {
+        let work = tempfile::tempdir().expect("tmp");
+        // oras-py retries a refused login with backoff for minutes: bound it.
+        Command::new("timeout")
+            .args(["15", "python3", script, &s.host(), repo, user, pw])
+            .arg(work.path())
+            .output()
+            .expect("python3")
+    };
+    assert_eq!(
+        oras("art/anon", "", "").status.code(),
+        Some(3),
+        "anonymous is refused"
+    );
+    let out = oras("art/note", "dev", "dev-password");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = oras("art/wrong", "dev", "wrong-password");
+    assert!(!out.status.success(), "a wrong password is refused");
+    let tags = as_admin(&s, "GET", "/v2/art/wrong/tags/list", "");
+    assert_eq!(
+        tags.status, 404,
+        "nothing was pushed with the wrong password"
+    );
+}
