@@ -28,4 +28,4 @@ ensure_rust() {
 }
 
 # The packages the whole-system tests and the quickstart use.
-RUNTIME_PACKAGES=(runc skopeo podman umoci busybox-static curl openssl ca-certificates docker-registry)
+RUNTIME_PACKAGES=(runc skopeo podman umoci busybox-static curl openssl ca-certificates docker-registry docker.io)
