@@ -78,6 +78,12 @@ pub struct RunRequest {
     /// SIGTERM).
     #[serde(default)]
     pub stop_signal: Option<String>,
+    /// Capabilities added to Docker's default set (`NET_ADMIN`, `ALL`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities dropped from it (`NET_RAW`, `ALL`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
 }
 
 /// A container's lifecycle state.

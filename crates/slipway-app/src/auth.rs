@@ -1065,6 +1065,98 @@ async fn audit(
     Ok(axum::Json(entries).into_response())
 }
 
+/// Secrets for instances, from the auth database.
+pub(crate) struct AuthSecrets(pub Arc<Auth>);
+
+impl crate::services::SecretValues for AuthSecrets {
+    fn version(&self, name: &str, service: &str) -> Result<u64, String> {
+        self.0
+            .secret_version(name, service)
+            .map_err(|e| e.to_string())
+    }
+
+    fn value(&self, name: &str, service: &str) -> Result<Vec<u8>, String> {
+        self.0
+            .open_secret(name, service)
+            .map(|(v, _)| v)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Clone)]
+struct SecretsState {
+    gate: Arc<Gate>,
+    services: Arc<crate::services::Services>,
+}
+
+fn secret_info(s: slipway_auth::SecretRecord, rolled: Vec<String>) -> wire::SecretInfo {
+    wire::SecretInfo {
+        name: s.name,
+        version: s.version,
+        services: s.services,
+        updated_ms: s.updated_ms,
+        rolled,
+    }
+}
+
+async fn secrets(State(st): State<SecretsState>) -> Result<Response, ApiError> {
+    let list = blocking(&st.gate, |a| a.secrets()).await?;
+    Ok(axum::Json(
+        list.into_iter()
+            .map(|s| secret_info(s, Vec::new()))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
+}
+
+async fn set_secret(
+    State(st): State<SecretsState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: wire::SetSecret = json(&body, "secret")?;
+    let n = name.clone();
+    let rec = blocking(&st.gate, move |a| {
+        a.set_secret(&n, req.value.as_bytes(), req.services)?;
+        a.db()
+            .secret(&n)?
+            .ok_or_else(|| AuthError::NotFound(format!("no secret {n:?}")))
+    })
+    .await?;
+    let rolled = st.services.roll_secret(&name).await;
+    Ok(axum::Json(secret_info(rec, rolled)).into_response())
+}
+
+async fn remove_secret(
+    State(st): State<SecretsState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let users = st.services.users_of_secret(&name);
+    if !users.is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "secret {name:?} is used by {}: deploy them without it first",
+                users.join(", ")
+            ),
+        ));
+    }
+    blocking(&st.gate, move |a| a.remove_secret(&name)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The secrets routes (they roll services, so they need them).
+pub(crate) fn secrets_router(gate: Arc<Gate>, services: Arc<crate::services::Services>) -> Router {
+    use axum::routing::{get, put};
+    Router::new()
+        .route("/api/v1/secrets", get(secrets))
+        .route(
+            "/api/v1/secrets/{name}",
+            put(set_secret).delete(remove_secret),
+        )
+        .with_state(SecretsState { gate, services })
+}
+
 /// The routes this module serves.
 pub(crate) fn router(g: Arc<Gate>) -> Router {
     use axum::routing::{delete, get, put};

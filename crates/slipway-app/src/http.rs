@@ -33,6 +33,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(crate::containers::router(state.runtime.clone()))
         .merge(crate::services::router(state.services.clone()))
         .merge(crate::auth::router(state.gate.clone()))
+        .merge(crate::auth::secrets_router(
+            state.gate.clone(),
+            state.services.clone(),
+        ))
         .route(
             "/api/v1/{*rest}",
             axum::routing::any(crate::api_error::not_found),

@@ -77,6 +77,12 @@ pub async fn serve(
         Ok(n) => tracing::info!(containers = n, "recovered containers"),
         Err(e) => tracing::error!("cannot recover containers: {e}"),
     }
+    let auth_cfg = settings.auth.clone();
+    let data_dir = settings.data_dir.clone();
+    let auth = tokio::task::spawn_blocking(move || slipway_auth::Auth::open(&data_dir, auth_cfg))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot open the auth database: {e}"))?;
+    let auth = Arc::new(auth);
     let services = crate::services::Services::open(
         &settings.data_dir,
         runtime.clone(),
@@ -87,13 +93,9 @@ pub async fn serve(
             format!("127.0.0.1:{port}"),
         ],
         crate::services::Ports::new(settings.port_range.0, settings.port_range.1),
+        Arc::new(crate::auth::AuthSecrets(auth.clone())),
     )?;
     services.recover(&settings.data_dir.join("services")).await;
-    let auth_cfg = settings.auth.clone();
-    let data_dir = settings.data_dir.clone();
-    let auth = tokio::task::spawn_blocking(move || slipway_auth::Auth::open(&data_dir, auth_cfg))
-        .await?
-        .map_err(|e| anyhow::anyhow!("cannot open the auth database: {e}"))?;
     let audit = Arc::new(
         crate::audit::AuditLog::open(
             &settings.data_dir,
@@ -103,7 +105,7 @@ pub async fn serve(
         .context("cannot open the audit log")?,
     );
     let gate = Arc::new(crate::auth::Gate::new(
-        Arc::new(auth),
+        auth,
         audit,
         addr,
         settings.insecure_no_auth,

@@ -770,6 +770,25 @@ impl Auth {
         Ok(version)
     }
 
+    /// A secret's current version, if `service` may use it.
+    pub fn secret_version(&self, name: &str, service: &str) -> Result<u64, AuthError> {
+        let s = self.db.secret(name)?.ok_or_else(|| {
+            AuthError::NotFound(format!(
+                "no secret {name:?}: create it with `slipway secret set {name}`"
+            ))
+        })?;
+        if !s.services.iter().any(|g| glob::matches(g, service)) {
+            return Err(AuthError::Invalid(
+                "secrets",
+                format!(
+                    "secrets: service {service:?} may not use secret {name:?} (allowed: {})",
+                    s.services.join(", ")
+                ),
+            ));
+        }
+        Ok(s.version)
+    }
+
     /// A secret's value and version, if `service` may use it.
     pub fn open_secret(&self, name: &str, service: &str) -> Result<(Vec<u8>, u64), AuthError> {
         let s = self.db.secret(name)?.ok_or_else(|| {

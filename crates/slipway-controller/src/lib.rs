@@ -66,6 +66,14 @@ pub struct InstanceSpec {
     pub stop_signal: Option<String>,
     /// Time between the stop signal and SIGKILL.
     pub stop_timeout: Duration,
+    /// Variables set from secrets: variable → secret name.
+    pub secret_env: BTreeMap<String, String>,
+    /// Secrets mounted at `/run/secrets/NAME`.
+    pub secrets: Vec<String>,
+    /// Capabilities added to the default set.
+    pub cap_add: Vec<String>,
+    /// Capabilities dropped from it.
+    pub cap_drop: Vec<String>,
 }
 
 impl InstanceSpec {
@@ -75,12 +83,32 @@ impl InstanceSpec {
             service: spec.name.clone(),
             revision,
             image: image.to_owned(),
-            env: spec.env.clone(),
+            env: spec
+                .env
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    slipway_core::service::EnvValue::Plain(v) => Some((k.clone(), v.clone())),
+                    slipway_core::service::EnvValue::Secret { .. } => None,
+                })
+                .collect(),
+            secret_env: spec
+                .env
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    slipway_core::service::EnvValue::Secret { secret } => {
+                        Some((k.clone(), secret.clone()))
+                    }
+                    slipway_core::service::EnvValue::Plain(_) => None,
+                })
+                .collect(),
+            secrets: spec.secrets.clone(),
             memory: spec.memory.clone(),
             cpus: spec.cpus,
             volumes: spec.volumes.clone(),
             stop_signal: spec.stop_signal.clone(),
             stop_timeout: spec.stop_timeout.0,
+            cap_add: spec.cap_add.clone(),
+            cap_drop: spec.cap_drop.clone(),
         }
     }
 }

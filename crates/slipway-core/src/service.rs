@@ -30,6 +30,47 @@ impl Serialize for Dur {
     }
 }
 
+/// One environment value of a service: text, or a secret's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EnvValue {
+    /// The value itself.
+    Plain(String),
+    /// `{ secret = "NAME" }`: the secret's value, set when the instance starts.
+    Secret {
+        /// The secret's name.
+        secret: String,
+    },
+}
+
+impl From<&str> for EnvValue {
+    fn from(s: &str) -> Self {
+        Self::Plain(s.to_owned())
+    }
+}
+
+/// Whether `s` can name a secret (and a file under `/run/secrets/`).
+pub fn valid_secret_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl ServiceSpec {
+    /// Every secret the spec uses, as a file or in the environment.
+    pub fn secret_refs(&self) -> std::collections::BTreeSet<String> {
+        let mut out: std::collections::BTreeSet<String> = self.secrets.iter().cloned().collect();
+        for v in self.env.values() {
+            if let EnvValue::Secret { secret } = v {
+                out.insert(secret.clone());
+            }
+        }
+        out
+    }
+}
+
 /// A service: a named set of identical instances of one image behind an ingress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,9 +82,16 @@ pub struct ServiceSpec {
     /// Instances to keep healthy.
     #[serde(default = "one")]
     pub replicas: u32,
-    /// Environment for every instance.
+    /// Environment for every instance: text, or `{ secret = "NAME" }`.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
+    /// Secrets mounted read-only at `/run/secrets/NAME`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// The version of each secret this revision uses; set by the server at
+    /// deploy, so that a changed value makes a new revision.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_versions: BTreeMap<String, u64>,
     /// Memory limit per instance, e.g. `64m`.
     #[serde(default)]
     pub memory: Option<String>,
@@ -83,6 +131,12 @@ pub struct ServiceSpec {
     /// Time between the stop signal and SIGKILL.
     #[serde(default = "ten_seconds")]
     pub stop_timeout: Dur,
+    /// Capabilities added to the default set (Docker's), e.g. `["NET_ADMIN"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities dropped from it, e.g. `["NET_RAW"]` or `["ALL"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
 }
 
 /// `[autoscale]`: keep requests/s per instance near a target.
@@ -384,11 +438,29 @@ impl ServiceSpec {
                 format!("{} must be between 1 and 100", self.replicas),
             ));
         }
-        for k in self.env.keys() {
+        for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k == "PORT" {
                 return Err(invalid(
                     format!("env.{k}"),
                     "names must be non-empty, without '=', and not PORT (Slipway sets it)",
+                ));
+            }
+            if let EnvValue::Secret { secret } = v
+                && !valid_secret_name(secret)
+            {
+                return Err(invalid(
+                    format!("env.{k}.secret"),
+                    format!(
+                        "{secret:?} is not a secret name: use letters, digits, '.', '_' or '-'"
+                    ),
+                ));
+            }
+        }
+        for s in &self.secrets {
+            if !valid_secret_name(s) {
+                return Err(invalid(
+                    "secrets",
+                    format!("{s:?} is not a secret name: use letters, digits, '.', '_' or '-'"),
                 ));
             }
         }

@@ -33,10 +33,14 @@ pub struct BundleConfig {
     pub read_only: bool,
     /// Bind mounts: (host dir, container path).
     pub binds: Vec<(PathBuf, String)>,
+    /// Read-only bind mounts of single files (secrets): (host file, container path).
+    pub ro_files: Vec<(PathBuf, String)>,
     /// cgroup path, e.g. `/slipway/<id>`.
     pub cgroup: String,
     /// Soft and hard RLIMIT_NOFILE (must stay within the host's hard limit).
     pub nofile: u64,
+    /// The capability set (see [`crate::security`]).
+    pub capabilities: std::collections::HashSet<oci_spec::runtime::Capability>,
 }
 
 fn spec_err(e: impl std::fmt::Display) -> RuntimeError {
@@ -71,10 +75,18 @@ pub fn build_spec(c: &BundleConfig) -> Result<Spec, RuntimeError> {
         .no_new_privileges(true)
         .build()
         .map_err(spec_err)?;
-    // Keep the default capability set (AUDIT_WRITE, KILL, NET_BIND_SERVICE).
-    if let Some(p) = spec.process() {
-        process.set_capabilities(p.capabilities().clone());
-    }
+    // Root in the container holds these and nothing else; no ambient or
+    // inheritable set, so a non-root process gets none of them.
+    process.set_capabilities(Some(
+        oci_spec::runtime::LinuxCapabilitiesBuilder::default()
+            .bounding(c.capabilities.clone())
+            .effective(c.capabilities.clone())
+            .permitted(c.capabilities.clone())
+            .inheritable(std::collections::HashSet::new())
+            .ambient(std::collections::HashSet::new())
+            .build()
+            .map_err(spec_err)?,
+    ));
     process.set_terminal(Some(false));
     spec.set_process(Some(process));
     spec.set_root(Some(
@@ -103,6 +115,23 @@ pub fn build_spec(c: &BundleConfig) -> Result<Spec, RuntimeError> {
                 .typ("bind")
                 .source(host.clone())
                 .options(vec!["rbind".into(), "rw".into()])
+                .build()
+                .map_err(spec_err)?,
+        );
+    }
+    for (host, dest) in &c.ro_files {
+        mounts.push(
+            MountBuilder::default()
+                .destination(dest.clone())
+                .typ("bind")
+                .source(host.clone())
+                .options(vec![
+                    "bind".into(),
+                    "ro".into(),
+                    "nosuid".into(),
+                    "nodev".into(),
+                    "noexec".into(),
+                ])
                 .build()
                 .map_err(spec_err)?,
         );
@@ -163,18 +192,43 @@ pub fn build_spec(c: &BundleConfig) -> Result<Spec, RuntimeError> {
         .cgroups_path(PathBuf::from(&c.cgroup))
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .seccomp(crate::security::seccomp(&c.capabilities)?)
         .build()
         .map_err(spec_err)?;
     spec.set_linux(Some(linux));
     Ok(spec)
 }
 
-/// Writes `config.json` into `bundle`.
-pub fn write(bundle: &Path, c: &BundleConfig) -> Result<(), RuntimeError> {
+/// Writes `config.json` into `bundle`. With `private_dir` (a tmpfs directory of
+/// the container's secrets), the file is written there, mode 0600, and the
+/// bundle gets a symlink to it: environment secrets never reach the data disk.
+pub fn write(
+    bundle: &Path,
+    c: &BundleConfig,
+    private_dir: Option<&Path>,
+) -> Result<(), RuntimeError> {
     let spec = build_spec(c)?;
     let json = serde_json::to_vec_pretty(&spec).map_err(spec_err)?;
-    std::fs::write(bundle.join("config.json"), json)
-        .map_err(|e| RuntimeError::Io("write config.json".into(), e))
+    let io = |e| RuntimeError::Io("write config.json".into(), e);
+    match private_dir {
+        None => std::fs::write(bundle.join("config.json"), json).map_err(io),
+        Some(dir) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let target = dir.join("config.json");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&target)
+                .map_err(io)?;
+            f.write_all(&json).map_err(io)?;
+            let link = bundle.join("config.json");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).map_err(io)
+        }
+    }
 }
 
 /// Resolves the image's `User` against the rootfs' /etc/passwd and /etc/group.

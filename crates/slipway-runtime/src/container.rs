@@ -16,11 +16,84 @@ use crate::spec::{self, RunRequest};
 
 use crate::runtime::*;
 
+/// Secret values for one container.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// (name, value): mounted read-only at `/run/secrets/<name>`.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// (variable, value): set in the environment.
+    pub env: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Secrets({} files, {} env, values redacted)",
+            self.files.len(),
+            self.env.len()
+        )
+    }
+}
+
+impl Secrets {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.env.is_empty()
+    }
+}
+
+/// Where containers' secrets live: a tmpfs, never the data directory.
+const SECRETS_ROOT: &str = "/run/slipway/secrets";
+
 impl Runtime {
+    pub(crate) fn secrets_dir(&self, id: &str) -> PathBuf {
+        Path::new(SECRETS_ROOT).join(id)
+    }
+
+    fn write_secrets(&self, id: &str, secrets: &Secrets) -> Result<PathBuf, RuntimeError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let dir = self.secrets_dir(id);
+        let io = |e| RuntimeError::Io("write secrets".into(), e);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("files"))
+            .map_err(io)?;
+        for (name, value) in &secrets.files {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o444)
+                .open(dir.join("files").join(name))
+                .map_err(io)?;
+            f.write_all(value).map_err(io)?;
+        }
+        Ok(dir)
+    }
+
     /// Creates and starts a container. Returns once its process has started (or
     /// already exited).
     pub async fn run(self: &Arc<Self>, req: RunRequest) -> Result<ContainerInfo, RuntimeError> {
+        self.run_with(req, Secrets::default()).await
+    }
+
+    /// [`run`](Self::run) with secret values: files under `/run/secrets/` and
+    /// environment variables, kept on a tmpfs (never in the data directory nor
+    /// in the container's recorded spec).
+    pub async fn run_with(
+        self: &Arc<Self>,
+        req: RunRequest,
+        secrets: Secrets,
+    ) -> Result<ContainerInfo, RuntimeError> {
         spec::validate(&req)?;
+        for (name, _) in &secrets.files {
+            spec::validate_name(name).map_err(|_| {
+                RuntimeError::InvalidSpec(format!("secrets: {name:?} is not a valid secret name"))
+            })?;
+        }
         let runc = self.runc()?;
         let name = req
             .name
@@ -61,7 +134,7 @@ impl Runtime {
             }),
             None => 15,
         };
-        match self.prepare(&name, &id, &dir, &req, &img, &lowers) {
+        match self.prepare(&name, &id, &dir, &req, (&img, &lowers), &secrets) {
             Ok(kind) => {
                 let info = ContainerInfo {
                     name: name.clone(),
@@ -98,6 +171,7 @@ impl Runtime {
             Err(e) => {
                 let _ = rootfs::release(&dir.join("bundle/rootfs"), RootfsKind::Overlay);
                 let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_dir_all(self.secrets_dir(&id));
                 Err(e)
             }
         }
@@ -109,8 +183,8 @@ impl Runtime {
         id: &str,
         dir: &Path,
         req: &RunRequest,
-        img: &ResolvedImage,
-        lowers: &[PathBuf],
+        (img, lowers): (&ResolvedImage, &[PathBuf]),
+        secrets: &Secrets,
     ) -> Result<RootfsKind, RuntimeError> {
         let bundle_dir = dir.join("bundle");
         let rootfs_dir = bundle_dir.join("rootfs");
@@ -173,6 +247,9 @@ impl Runtime {
         for kv in &req.env {
             set(kv.clone());
         }
+        for (k, v) in &secrets.env {
+            set(format!("{k}={}", String::from_utf8_lossy(v)));
+        }
         let user = bundle::resolve_user(cfg["User"].as_str().unwrap_or(""), &rootfs_dir)?;
         let mut binds = Vec::new();
         for v in &req.volumes {
@@ -181,7 +258,22 @@ impl Runtime {
             fs::create_dir_all(&host).map_err(io("create volume"))?;
             binds.push((host, path.to_owned()));
         }
+        let private = if secrets.is_empty() {
+            None
+        } else {
+            Some(self.write_secrets(id, secrets)?)
+        };
+        let ro_files = secrets
+            .files
+            .iter()
+            .filter_map(|(n, _)| {
+                private
+                    .as_ref()
+                    .map(|d| (d.join("files").join(n), format!("/run/secrets/{n}")))
+            })
+            .collect();
         let bc = BundleConfig {
+            ro_files,
             args,
             env,
             cwd: cfg["WorkingDir"]
@@ -198,8 +290,9 @@ impl Runtime {
             binds,
             cgroup: format!("/slipway/{id}"),
             nofile: self.cfg.nofile,
+            capabilities: crate::security::capabilities(&req.cap_add, &req.cap_drop)?,
         };
-        bundle::write(&bundle_dir, &bc).inspect_err(|_| {
+        bundle::write(&bundle_dir, &bc, private.as_deref()).inspect_err(|_| {
             let _ = rootfs::release(&rootfs_dir, kind);
         })?;
         Ok(kind)

@@ -30,11 +30,13 @@ mod recover;
 pub mod rootfs;
 pub mod runc;
 mod runtime;
+pub mod security;
 mod snapshots;
 pub mod spec;
 mod supervise;
 pub mod unpack;
 
+pub use container::Secrets;
 pub use runtime::{ContainerInfo, Runtime, RuntimeConfig, Status};
 pub use spec::{RestartPolicy, RunRequest};
 

@@ -258,6 +258,7 @@ impl Runtime {
         let kind = lock(&ctr.info).rootfs;
         rootfs::release(&dir.join("bundle/rootfs"), kind).map_err(io("unmount root filesystem"))?;
         fs::remove_dir_all(&dir).map_err(io("remove container directory"))?;
+        let _ = fs::remove_dir_all(self.secrets_dir(&id));
         lock(&self.containers).remove(name);
         Ok(())
     }

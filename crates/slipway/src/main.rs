@@ -127,6 +127,18 @@ enum Command {
     Token(commands::auth::TokenCommand),
     /// Read the audit log.
     Audit(commands::auth::AuditArgs),
+    /// Secrets for services: set (value from stdin), ls, rm.
+    #[command(subcommand)]
+    Secret(commands::auth::SecretCommand),
+    /// TLS for the listener.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Create a CA and a server certificate signed by it.
+    Init(commands::tls::TlsInitArgs),
 }
 
 #[derive(Subcommand)]
@@ -283,6 +295,10 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Audit(a) => commands::auth::audit(&client()?, a, format)
             .await
             .map(done)?,
+        Command::Secret(c) => commands::auth::secret(&client()?, c, format)
+            .await
+            .map(done)?,
+        Command::Tls(TlsCommand::Init(a)) => commands::tls::init(a).map(done)?,
     })
 }
 

@@ -721,3 +721,213 @@ fn skopeo_podman_and_oras_log_in_push_and_pull_and_are_refused_without_credentia
         "nothing was pushed with the wrong password"
     );
 }
+
+#[test]
+fn secrets_reach_the_container_as_file_and_env_appear_nowhere_else_and_a_new_value_rolls_out() {
+    let s = TestServer::start_secure(BIN, &[]);
+    slipway_testkit::pack_hello(BIN, &s, "hello:1", "unused");
+    slipway_testkit::pack(
+        BIN,
+        &s,
+        "files:1",
+        "/bin/busybox",
+        &[
+            "--cmd",
+            "sh",
+            "--cmd=-c",
+            "--cmd",
+            "exec httpd -f -p $PORT -h /run/secrets",
+        ],
+        "/bin/busybox:/bin/busybox",
+    );
+    let set = |name: &str, value: &str| {
+        let (code, out, err) = cli_with(BIN, &s, &["secret", "set", name], &[], Some(value));
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    set("greeting", "s3cr3t-greeting-one");
+    set("db-password", "s3cr3t-db-pass");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (p1, p2) = (slipway_testkit::free_port(), slipway_testkit::free_port());
+    let web = format!(
+        "name = \"web\"\nimage = \"hello:1\"\nreplicas = 2\ndrain_timeout = \"2s\"\n[env]\nHELLO_VERSION = {{ secret = \"greeting\" }}\n[ingress]\nlisten = \"127.0.0.1:{p1}\"\n[health.readiness]\nhttp = \"/healthz\"\ninterval = \"100ms\"\n"
+    );
+    let files = format!(
+        "name = \"files\"\nimage = \"files:1\"\nsecrets = [\"db-password\"]\n[ingress]\nlisten = \"127.0.0.1:{p2}\"\n[health.readiness]\nhttp = \"/db-password\"\ninterval = \"100ms\"\n"
+    );
+    for (n, spec) in [("web", &web), ("files", &files)] {
+        let path = dir.path().join(format!("{n}.toml"));
+        std::fs::write(&path, spec).expect("write");
+        let (code, out, err) = cli(BIN, &s, &["deploy", path.to_str().expect("utf8")]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let body = |port: u16, path: &str| {
+        slipway_testkit::http_get(port, path)
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        body(p1, "/").starts_with("hello s3cr3t-greeting-one from"),
+        "{}",
+        body(p1, "/")
+    );
+    assert_eq!(
+        body(p2, "/db-password"),
+        "s3cr3t-db-pass",
+        "the file is mounted"
+    );
+    // A new value rolls out a new revision, under load, with no failed request.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match slipway_testkit::http_get(p1, "/") {
+                    Some(r) if r.status == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let out = set("greeting", "s3cr3t-greeting-two");
+    assert!(out.contains("rolling: web"), "{out}");
+    let rolled = poll(Duration::from_secs(30), || {
+        body(p1, "/")
+            .starts_with("hello s3cr3t-greeting-two")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("load");
+    assert!(rolled.is_some(), "the new value serves");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(ok > 10);
+    let st = as_admin(&s, "GET", "/api/v1/services/web", "").json();
+    assert_eq!(st["revisions"].as_array().map(Vec::len), Some(2), "{st}");
+    // A secret in use cannot be removed.
+    let (code, _, err) = cli(BIN, &s, &["secret", "rm", "greeting"]);
+    assert_eq!(code, 6, "{err}");
+    // The values appear nowhere Slipway writes or answers.
+    // Everything but the workload's own output (hello prints its version,
+    // which this test sets from a secret, when it starts listening).
+    let mut hay = Vec::new();
+    for f in walk(&s.data) {
+        let own_output = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("container.log"));
+        if !own_output {
+            hay.extend(std::fs::read(&f).unwrap_or_default());
+        }
+    }
+    hay.extend(s.log().join("\n").into_bytes());
+    for path in [
+        "/api/v1/services/web",
+        "/api/v1/services/files",
+        "/api/v1/services",
+        "/api/v1/events",
+        "/api/v1/audit",
+        "/api/v1/secrets",
+        "/api/v1/containers",
+    ] {
+        hay.extend(as_admin(&s, "GET", path, "").body);
+    }
+    for args in [
+        &["status", "web", "-o", "json"][..],
+        &["history", "web"],
+        &["events"],
+        &["secret", "ls"],
+        &["ps"],
+    ] {
+        let (_, out, err) = cli(BIN, &s, args);
+        hay.extend(out.into_bytes());
+        hay.extend(err.into_bytes());
+    }
+    for secret in [
+        "s3cr3t-greeting-one",
+        "s3cr3t-greeting-two",
+        "s3cr3t-db-pass",
+    ] {
+        assert!(!contains(&hay, secret.as_bytes()), "{secret} leaked");
+    }
+    for n in ["web", "files"] {
+        let (code, _, _) = cli(BIN, &s, &["service", "rm", n]);
+        assert_eq!(code, 0);
+    }
+}
+
+#[test]
+fn tls_init_makes_a_ca_the_cli_trusts_for_an_https_listener() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path().to_str().expect("utf8");
+    let out = Command::new(BIN)
+        .args(["tls", "init", "--dir", d, "--host", "slipway.test"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.path().join("server-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = Command::new(BIN)
+        .args(["tls", "init", "--dir", d])
+        .output()
+        .expect("run");
+    assert!(
+        !again.status.success(),
+        "existing files are kept without --force"
+    );
+    let cert = format!("{d}/server.pem");
+    let key = format!("{d}/server-key.pem");
+    let s = TestServer::start_with(BIN, &["--tls-cert", &cert, "--tls-key", &key]);
+    let url = format!("https://127.0.0.1:{}", s.addr.port());
+    let token = "unused";
+    let whoami = |ca: Option<(&str, &str)>| {
+        let mut c = Command::new(BIN);
+        c.args(["--server", &url, "whoami"])
+            .env("SLIPWAY_TOKEN", token)
+            .env_remove("SLIPWAY_CA")
+            .env_remove("SLIPWAY_CA_FILE");
+        match ca {
+            Some(("flag", path)) => {
+                c.args(["--ca", path]);
+            }
+            Some((_, path)) => {
+                c.env("SLIPWAY_CA", path);
+            }
+            None => {}
+        }
+        c.output().expect("run")
+    };
+    let ca = format!("{d}/ca.pem");
+    let out = whoami(Some(("flag", &ca)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("authentication is off"),
+        "{out:?}"
+    );
+    assert!(whoami(Some(("env", &ca))).status.success());
+    assert!(
+        !whoami(None).status.success(),
+        "without the CA the certificate is not trusted"
+    );
+    let curl = Command::new("curl")
+        .args(["-sS", "--cacert", &ca, &format!("{url}/v2/")])
+        .output()
+        .expect("curl");
+    assert!(curl.status.success(), "curl trusts the CA: {curl:?}");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "{}");
+}

@@ -832,3 +832,72 @@ fn stop_sends_the_image_stop_signal_or_the_requested_one_before_sigkill() {
         rm_and_assert_gone(&s, name, false, None);
     }
 }
+
+#[test]
+fn containers_get_dockers_default_capabilities_and_seccomp_refuses_what_the_profile_forbids() {
+    let s = TestServer::start(BIN);
+    pack_busybox(&s, "caps:1", &[]);
+    let script = "touch /tmp/f && chown 33:33 /tmp/f && stat -c owner=%u:%g /tmp/f; \
+                  grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
+                  grep CapEff /proc/self/status; \
+                  unshare -U true 2>&1; echo unshare-exit=$?; \
+                  su -s /bin/busybox nobody -c 'true' 2>&1; echo su-ran";
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "caps",
+            "caps:1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("owner=33:33"), "CAP_CHOWN works: {out}");
+    assert!(out.contains("Seccomp:\t2"), "a seccomp filter is on: {out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    // Docker's default set is 0x00000000a80425fb.
+    assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
+    assert!(
+        out.contains("Operation not permitted") && !out.contains("unshare-exit=0"),
+        "unshare(CLONE_NEWUSER) is refused with EPERM: {out}"
+    );
+    // cap_drop ALL with one cap_add leaves exactly that one.
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "caps2",
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "KILL",
+            "caps:1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "grep CapEff /proc/self/status; chown 1 /tmp 2>&1; echo chown-exit=$?",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("CapEff:\t0000000000000020"), "{out}");
+    assert!(out.contains("chown-exit=1"), "{out}");
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &["run", "--name", "caps3", "--cap-add", "FLY", "caps:1"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("cap_add: unknown capability"), "{err}");
+    for n in ["caps", "caps2"] {
+        rm_and_assert_gone(&s, n, false, None);
+    }
+}

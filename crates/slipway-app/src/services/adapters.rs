@@ -102,6 +102,7 @@ pub(crate) fn ephemeral_range() -> Option<(u16, u16)> {
 pub(crate) struct RuntimeInstances {
     pub runtime: Arc<Runtime>,
     pub ports: Arc<Ports>,
+    pub secrets: Arc<dyn super::SecretValues>,
 }
 
 const LABEL_SERVICE: &str = "slipway.service";
@@ -150,9 +151,26 @@ impl Instances for RuntimeInstances {
                 volumes: spec.volumes.clone(),
                 labels,
                 stop_signal: spec.stop_signal.clone(),
+                cap_add: spec.cap_add.clone(),
+                cap_drop: spec.cap_drop.clone(),
                 ..RunRequest::default()
             };
-            let info = match self.runtime.run(req).await {
+            let mut secrets = slipway_runtime::Secrets::default();
+            for name in &spec.secrets {
+                let v = self
+                    .secrets
+                    .value(name, &spec.service)
+                    .map_err(InstanceError::Invalid)?;
+                secrets.files.push((name.clone(), v));
+            }
+            for (var, name) in &spec.secret_env {
+                let v = self
+                    .secrets
+                    .value(name, &spec.service)
+                    .map_err(InstanceError::Invalid)?;
+                secrets.env.push((var.clone(), v));
+            }
+            let info = match self.runtime.run_with(req, secrets).await {
                 Ok(info) => info,
                 Err(RuntimeError::PortInUse(p)) => {
                     tracing::warn!(
@@ -561,6 +579,8 @@ pub(crate) struct PlatformGate {
 #[async_trait]
 impl Gate for PlatformGate {
     async fn admit(&self, c: &Candidate<'_>) -> Result<(), String> {
+        slipway_runtime::security::capabilities(&c.spec.cap_add, &c.spec.cap_drop)
+            .map_err(|e| e.to_string())?;
         self.runtime
             .resolve(c.image)
             .await

@@ -111,6 +111,9 @@ async fn deploy(
         })?;
         ServiceSpec::from_toml(text).map_err(spec_error)?
     };
+    let mut spec = spec;
+    s.pin_secrets(&mut spec)
+        .map_err(|e| ApiError::invalid("secrets", e))?;
     let name = spec.name.clone();
     let p = crate::auth::principal(&caller);
     crate::auth::require(&p, Kind::Service, &name, Action::Deploy)?;

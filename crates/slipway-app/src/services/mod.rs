@@ -40,6 +40,14 @@ struct Entry {
     traffic: Arc<ProxyTraffic>,
 }
 
+/// Secret values for instances and versions for revisions (the auth database).
+pub(crate) trait SecretValues: Send + Sync {
+    /// The current version of `name`, if `service` may use it.
+    fn version(&self, name: &str, service: &str) -> Result<u64, String>;
+    /// The current value of `name`, if `service` may use it.
+    fn value(&self, name: &str, service: &str) -> Result<Vec<u8>, String>;
+}
+
 /// Whether a push by `principal` may roll out `service` (the deploy gate of
 /// triggers): the pusher must be allowed to deploy it and to pull `repo`.
 pub(crate) trait PushPolicy: Send + Sync {
@@ -96,6 +104,7 @@ pub(crate) struct Services {
     state: Arc<dyn StateStore>,
     events: broadcast::Sender<Event>,
     pub(crate) hub: Arc<Hub>,
+    secrets: Arc<dyn SecretValues>,
 }
 
 impl Services {
@@ -106,6 +115,7 @@ impl Services {
         store: Arc<Store>,
         local_hosts: Vec<String>,
         ports: Ports,
+        secrets: Arc<dyn SecretValues>,
     ) -> anyhow::Result<Arc<Self>> {
         let state = state::RedbState::open(&data_dir.join("state.redb"))
             .map_err(|e| anyhow::anyhow!("cannot open the state store: {e}"))?;
@@ -118,6 +128,7 @@ impl Services {
         let instances = Arc::new(RuntimeInstances {
             runtime: runtime.clone(),
             ports: Arc::new(ports),
+            secrets: secrets.clone(),
         });
         instances.adopt_ports();
         Ok(Arc::new(Self {
@@ -134,7 +145,64 @@ impl Services {
             state: Arc::new(state),
             events,
             hub,
+            secrets,
         }))
+    }
+
+    /// Pins the version of every secret `spec` uses (checking that each exists
+    /// and that the service may use it), so a changed value is a new revision.
+    pub(crate) fn pin_secrets(&self, spec: &mut ServiceSpec) -> Result<(), String> {
+        spec.secret_versions.clear();
+        for name in spec.secret_refs() {
+            let v = self.secrets.version(&name, &spec.name)?;
+            spec.secret_versions.insert(name, v);
+        }
+        Ok(())
+    }
+
+    /// Rolls every service that uses secret `name` to a revision with its new
+    /// version; returns the services.
+    pub(crate) async fn roll_secret(self: &Arc<Self>, name: &str) -> Vec<String> {
+        let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+        let mut rolled = Vec::new();
+        for e in entries {
+            let record = e.svc.record();
+            let Some(mut spec) = record.spec().cloned() else {
+                continue;
+            };
+            if !spec.secret_refs().contains(name) {
+                continue;
+            }
+            // Keep the image the service runs now.
+            if let Some(active) = record.active_revision() {
+                spec.image = active.spec.image.clone();
+            }
+            if let Err(why) = self.pin_secrets(&mut spec) {
+                tracing::warn!(service = %spec.name, "secret {name} changed but cannot roll: {why}");
+                continue;
+            }
+            let service = spec.name.clone();
+            match self.deploy(spec).await {
+                Ok(_) => rolled.push(service),
+                Err(e) => {
+                    tracing::warn!(%service, "secret {name} changed but the deploy was refused: {e}")
+                }
+            }
+        }
+        rolled
+    }
+
+    /// The services whose spec uses secret `name`.
+    pub(crate) fn users_of_secret(&self, name: &str) -> Vec<String> {
+        lock(&self.map)
+            .values()
+            .filter_map(|e| {
+                let r = e.svc.record();
+                r.spec()
+                    .is_some_and(|s| s.secret_refs().contains(name))
+                    .then(|| e.svc.name().to_owned())
+            })
+            .collect()
     }
 
     fn deps(&self, traffic: Arc<ProxyTraffic>) -> ServiceDeps {

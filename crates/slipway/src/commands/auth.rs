@@ -534,3 +534,64 @@ pub async fn audit(client: &Client, a: AuditArgs, format: Format) -> anyhow::Res
     }
     Ok(())
 }
+
+/// `slipway secret …`
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Set a secret's value, read from stdin; services that use it roll to a
+    /// new revision.
+    Set {
+        /// Name (letters, digits, '.', '_', '-').
+        name: String,
+        /// Service globs that may use it (repeatable; default: every service).
+        #[arg(long = "service", value_name = "GLOB")]
+        services: Vec<String>,
+    },
+    /// List secrets (never their values).
+    Ls,
+    /// Remove a secret no service uses.
+    Rm {
+        /// Name.
+        name: String,
+    },
+}
+
+/// Runs a `secret` command.
+pub async fn secret(client: &Client, c: SecretCommand, format: Format) -> anyhow::Result<()> {
+    match c {
+        SecretCommand::Set { name, services } => {
+            let value = read_secret(true, "")?;
+            let info = client
+                .set_secret(&name, &slipway_api::auth::SetSecret { value, services })
+                .await?;
+            if format == Format::Json {
+                return output::json(&info);
+            }
+            println!("set secret {} (version {})", info.name, info.version);
+            if !info.rolled.is_empty() {
+                println!("rolling: {}", info.rolled.join(", "));
+            }
+        }
+        SecretCommand::Ls => {
+            let list = client.secrets().await?;
+            if format == Format::Json {
+                return output::json(&list);
+            }
+            println!("{:<24} {:<8} {:<21} SERVICES", "NAME", "VERSION", "UPDATED");
+            for s in list {
+                println!(
+                    "{:<24} {:<8} {:<21} {}",
+                    s.name,
+                    s.version,
+                    slipway_core::form::rfc3339(s.updated_ms),
+                    s.services.join(",")
+                );
+            }
+        }
+        SecretCommand::Rm { name } => {
+            client.remove_secret(&name).await?;
+            println!("removed secret {name}");
+        }
+    }
+    Ok(())
+}

@@ -124,6 +124,12 @@ pub struct RunArgs {
     /// The signal `stop` sends first (default: the image's StopSignal, else SIGTERM).
     #[arg(long)]
     pub stop_signal: Option<String>,
+    /// Add a capability to Docker's default set (repeatable), e.g. NET_ADMIN.
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from it (repeatable; ALL drops every one).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
     /// Return once started instead of following the logs.
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -187,6 +193,8 @@ async fn run_container(client: &Client, a: RunArgs, format: Format) -> anyhow::R
         command: (!a.command.is_empty()).then_some(a.command),
         labels: Default::default(),
         stop_signal: a.stop_signal,
+        cap_add: a.cap_add,
+        cap_drop: a.cap_drop,
     };
     let info = client.run(&req).await?;
     if a.detach {

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod containers;
 pub mod image;
 pub mod services;
+pub mod tls;
 
 use slipway_api::Client;
 
