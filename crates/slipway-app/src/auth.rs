@@ -45,6 +45,10 @@ pub(crate) struct Gate {
     pub audit: Arc<AuditLog>,
 }
 
+/// Marks requests of a connection from inside a Slipway container.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FromContainer;
+
 /// The target an audit line names, when the handler knows it better than the
 /// path (a deploy's service is in its body).
 #[derive(Debug, Clone)]
@@ -532,6 +536,17 @@ pub(crate) async fn gate(State(g): State<Arc<Gate>>, mut req: Request, next: Nex
                 }
             },
         }
+    } else if req.extensions().get::<FromContainer>().is_some() && op.need != Need::Open {
+        return refuse(
+            &g,
+            req.headers(),
+            &path,
+            &op.need,
+            Refusal::Unauthenticated(
+                "authentication is off (no user exists yet) and requests from containers are refused".into(),
+                false,
+            ),
+        );
     } else {
         Principal::unrestricted()
     };

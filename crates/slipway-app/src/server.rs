@@ -167,6 +167,7 @@ pub async fn serve(
         ));
     }
 
+    let state_gate = state.gate.clone();
     let app = router(state);
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(data_dir = %settings.data_dir.display(), "listening on {scheme}://{addr}");
@@ -194,17 +195,30 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
-            app.clone(),
-            move |mut r: http::Request<hyper::body::Incoming>| {
-                r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                r
-            },
-        ));
+        let gate = state_gate.clone();
+        let local = stream.local_addr().unwrap_or(addr);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let app = app.clone();
         tokio::spawn(async move {
+            // With authentication off, a container on this host must still not
+            // reach the API: find out once per connection whether it is one.
+            let from_container = !gate.enabled()
+                && peer.ip().is_loopback()
+                && tokio::task::spawn_blocking(move || crate::peer::from_container(local, peer))
+                    .await
+                    .unwrap_or(true);
+            let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+                app,
+                move |mut r: http::Request<hyper::body::Incoming>| {
+                    r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                    if from_container {
+                        r.extensions_mut().insert(crate::auth::FromContainer);
+                    }
+                    r
+                },
+            ));
             let res = match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(s) => {

@@ -195,12 +195,17 @@ impl TestServer {
         // The server writes its bound address here once it listens.
         let ready = data.join(".ready-addr");
         let _ = std::fs::remove_file(&ready);
+        // A test may choose the listen address itself (`--listen 0.0.0.0:0`).
+        let listen_args: Vec<String> = if extra.iter().any(|a| a == "--listen") {
+            Vec::new()
+        } else {
+            vec!["--listen".into(), listen]
+        };
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--data")
             .arg(data)
-            .arg("--listen")
-            .arg(&listen)
+            .args(&listen_args)
             .arg("--ready-file")
             .arg(&ready)
             .args(&extra)

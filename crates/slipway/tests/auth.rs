@@ -931,3 +931,141 @@ fn tls_init_makes_a_ca_the_cli_trusts_for_an_https_listener() {
     assert!(curl.status.success(), "curl trusts the CA: {curl:?}");
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "{}");
 }
+
+#[test]
+fn with_no_user_yet_the_host_may_use_the_api_but_a_container_is_refused() {
+    let s = TestServer::start(BIN);
+    assert_eq!(
+        s.get("/api/v1/containers").status,
+        200,
+        "authentication is off"
+    );
+    slipway_testkit::pack(
+        BIN,
+        &s,
+        "tools:1",
+        "/bin/busybox",
+        &[],
+        "/bin/busybox:/bin/busybox",
+    );
+    let url = format!("http://{}/api/v1/containers", s.host());
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "--name",
+            "probe",
+            "tools:1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!("wget -q -O - {url} 2>&1; echo wget-exit=$?"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("401") && out.contains("wget-exit=1"), "{out}");
+    let (code, _, _) = cli(BIN, &s, &["rm", "probe"]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_non_loopback_listener_requires_authentication_unless_explicitly_disabled() {
+    let s = TestServer::start_with(BIN, &["--listen", "0.0.0.0:0"]);
+    let port = s.addr.port();
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let r = slipway_testkit::request(local, "GET", "/api/v1/containers", &[], b"");
+    assert_eq!(
+        r.status, 401,
+        "no user, but not loopback: authentication is on"
+    );
+    let s2 = TestServer::start_with(BIN, &["--listen", "0.0.0.0:0", "--insecure-no-auth"]);
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], s2.addr.port()).into();
+    let r = slipway_testkit::request(local, "GET", "/api/v1/containers", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(
+        s2.log()
+            .iter()
+            .any(|l| l.contains("--insecure-no-auth: authentication is OFF")),
+        "a warning at start"
+    );
+}
+
+#[test]
+fn anonymous_policies_open_only_their_globs_and_htpasswd_users_import() {
+    let cfg = tempfile::tempdir().expect("tmp");
+    let file = cfg.path().join("slipway.toml");
+    std::fs::write(
+        &file,
+        "[[auth.anonymous]]\nrepository = \"public/*\"\nrole = \"reader\"\n",
+    )
+    .expect("config");
+    let s = TestServer::start_secure(BIN, &["--config", file.to_str().expect("utf8")]);
+    slipway_testkit::pack(
+        BIN,
+        &s,
+        "public/tool:1",
+        "/bin/busybox",
+        &[],
+        "/bin/busybox:/bin/busybox",
+    );
+    slipway_testkit::pack(
+        BIN,
+        &s,
+        "private/tool:1",
+        "/bin/busybox",
+        &[],
+        "/bin/busybox:/bin/busybox",
+    );
+    assert_eq!(
+        s.get("/v2/public/tool/manifests/1").status,
+        200,
+        "anonymous may pull public/*"
+    );
+    assert_eq!(s.get("/v2/private/tool/manifests/1").status, 401);
+    let out = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/public/tool:1", s.host()),
+    ]);
+    assert!(
+        out.status.success(),
+        "an anonymous token flow works: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // htpasswd import works offline on a stopped server's data directory.
+    let data = tempfile::tempdir().expect("tmp");
+    let hash = "$2b$05$GFvenyah.jLdewECPRQZhO2TRrmddC9XsKNqqKvtYA7A.p70.f6SS"; // "imported-pw"
+    let ht = data.path().join("htpasswd");
+    std::fs::write(&ht, format!("carol:{hash}\n")).expect("htpasswd");
+    let d = data.path().join("data");
+    let out = Command::new(BIN)
+        .args(["user", "import"])
+        .arg(&ht)
+        .args(["--role", "reader", "--data"])
+        .arg(&d)
+        .output()
+        .expect("import");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s2 = TestServer::start_on(BIN, &d, &[]);
+    let r = s2.request(
+        "GET",
+        "/api/v1/whoami",
+        &[("authorization", &basic("carol", "imported-pw"))],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["name"], "carol");
+    let r = s2.request(
+        "GET",
+        "/api/v1/whoami",
+        &[("authorization", &basic("carol", "wrong-pw-1"))],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+}
