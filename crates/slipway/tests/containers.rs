@@ -1,7 +1,7 @@
 //! Containers from Slipway's registry run by real runc: pack, run, curl, stop,
 //! restart policies, OOM, hostile layers, re-adoption and cleanup.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -900,4 +900,87 @@ fn containers_get_dockers_default_capabilities_and_seccomp_refuses_what_the_prof
     for n in ["caps", "caps2"] {
         rm_and_assert_gone(&s, n, false, None);
     }
+}
+
+/// The Debian 12 root with nginx-light that `scripts/build-nginx-rootfs` keeps
+/// (built on first use).
+fn nginx_rootfs() -> PathBuf {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/build-nginx-rootfs"
+    );
+    let out = slipway_testkit::run(&mut Command::new(script));
+    PathBuf::from(out.trim())
+}
+
+#[test]
+fn debians_own_nginx_runs_chowns_its_dirs_and_switches_workers_to_www_data() {
+    let root = nginx_rootfs();
+    let s = TestServer::start(BIN);
+    let port = slipway_testkit::free_port();
+    let conf_dir = tempfile::tempdir().expect("tmp");
+    let conf = conf_dir.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user www-data;\nworker_processes 2;\npid /run/nginx.pid;\nerror_log stderr notice;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"nginx ok\\n\"; }} }} }}\n"
+        ),
+    )
+    .expect("conf");
+    let (code, out, err) = cli(
+        BIN,
+        &s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--tag",
+            "nginx:bookworm",
+            "--compression",
+            "zstd",
+            "--entrypoint",
+            "/usr/sbin/nginx",
+            "--cmd=-c",
+            "--cmd",
+            "/etc/slipway-test/nginx.conf",
+            "--cmd=-g",
+            "--cmd",
+            "daemon off;",
+            &format!("{}:/", root.display()),
+            &format!("{}:/etc/slipway-test/nginx.conf", conf.display()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = cli(BIN, &s, &["run", "-d", "--name", "nginx", "nginx:bookworm"]);
+    assert_eq!(code, 0, "{err}");
+    let served = poll(Duration::from_secs(30), || {
+        slipway_testkit::http_get(port, "/").filter(|r| r.status == 200)
+    });
+    let (_, logs, _) = cli(BIN, &s, &["logs", "nginx"]);
+    let served = served.unwrap_or_else(|| panic!("nginx never answered; its log:\n{logs}"));
+    assert_eq!(String::from_utf8_lossy(&served.body), "nginx ok\n");
+    assert!(!logs.contains("Operation not permitted"), "{logs}");
+    // Its workers run as www-data (uid 33): find them through the container's cgroup.
+    let info = s.get("/api/v1/containers/nginx").json();
+    let pid = info["pid"].as_u64().expect("pid");
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let uids: Vec<String> = children
+        .split_whitespace()
+        .filter_map(|c| std::fs::read_to_string(format!("/proc/{c}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(uids.len(), 2, "two workers: {uids:?}");
+    assert!(
+        uids.iter()
+            .all(|u| u.split_whitespace().nth(1) == Some("33")),
+        "{uids:?}"
+    );
+    rm_and_assert_gone(&s, "nginx", true, None);
 }
