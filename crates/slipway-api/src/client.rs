@@ -269,14 +269,7 @@ impl Client {
             .map(|b| serde_json::to_vec(b).map(|v| ("application/json", v)))
             .transpose()
             .map_err(|e| ClientError::Config(e.to_string()))?;
-        let resp = self.send(method, path, body).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Decode(e.to_string()))?
-            .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        decode(self.send(method, path, body).await?).await
     }
 
     async fn call_empty(&self, method: Method, path: &str) -> Result<(), ClientError> {
@@ -500,13 +493,7 @@ impl Client {
                 Some(("application/x-www-form-urlencoded", form.into_bytes())),
             )
             .await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Decode(e.to_string()))?
-            .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        decode(resp).await
     }
 
     /// Who the server takes this client for.
@@ -609,6 +596,17 @@ impl Client {
         self.call(Method::GET, &format!("/api/v1/audit?{query}"), None::<&()>)
             .await
     }
+}
+
+/// A JSON response body.
+async fn decode<T: DeserializeOwned>(resp: http::Response<Incoming>) -> Result<T, ClientError> {
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Decode(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
 }
 
 /// A path segment, percent-encoded.

@@ -770,8 +770,8 @@ impl Auth {
         Ok(version)
     }
 
-    /// A secret's current version, if `service` may use it.
-    pub fn secret_version(&self, name: &str, service: &str) -> Result<u64, AuthError> {
+    /// A secret's record, if it exists and `service` may use it.
+    fn usable_secret(&self, name: &str, service: &str) -> Result<SecretRecord, AuthError> {
         let s = self.db.secret(name)?.ok_or_else(|| {
             AuthError::NotFound(format!(
                 "no secret {name:?}: create it with `slipway secret set {name}`"
@@ -786,25 +786,17 @@ impl Auth {
                 ),
             ));
         }
-        Ok(s.version)
+        Ok(s)
+    }
+
+    /// A secret's current version, if `service` may use it.
+    pub fn secret_version(&self, name: &str, service: &str) -> Result<u64, AuthError> {
+        Ok(self.usable_secret(name, service)?.version)
     }
 
     /// A secret's value and version, if `service` may use it.
     pub fn open_secret(&self, name: &str, service: &str) -> Result<(Vec<u8>, u64), AuthError> {
-        let s = self.db.secret(name)?.ok_or_else(|| {
-            AuthError::NotFound(format!(
-                "no secret {name:?}: create it with `slipway secret set {name}`"
-            ))
-        })?;
-        if !s.services.iter().any(|g| glob::matches(g, service)) {
-            return Err(AuthError::Invalid(
-                "secrets",
-                format!(
-                    "secrets: service {service:?} may not use secret {name:?} (allowed: {})",
-                    s.services.join(", ")
-                ),
-            ));
-        }
+        let s = self.usable_secret(name, service)?;
         let v = self
             .seal
             .open(name, &s.sealed)

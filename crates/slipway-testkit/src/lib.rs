@@ -119,6 +119,11 @@ impl TestServer {
     /// Starts `bin serve` with extra arguments.
     pub fn start_with(bin: &str, extra: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        Self::start_in(tmp, bin, extra)
+    }
+
+    /// Starts on `<tmp>/data`, owning `tmp`.
+    fn start_in(tmp: tempfile::TempDir, bin: &str, extra: &[&str]) -> Self {
         let data = tmp.path().join("data");
         let mut s = Self::spawn(
             Path::new(bin),
@@ -157,13 +162,7 @@ impl TestServer {
             .write_all(ADMIN.1.as_bytes())
             .unwrap();
         assert!(child.wait().unwrap().success(), "user add failed");
-        let mut s = Self::spawn(
-            Path::new(bin),
-            &data,
-            extra.iter().map(|s| (*s).to_owned()).collect(),
-            None,
-        );
-        s._tmp = Some(tmp);
+        let mut s = Self::start_in(tmp, bin, extra);
         let auth = basic(ADMIN.0, ADMIN.1);
         let r = s.request(
             "POST",
@@ -857,6 +856,18 @@ pub fn pack(
     assert_eq!(code, 0, "pack failed: {err}");
     assert!(out.trim().starts_with("sha256:"), "{out}");
     out.trim().to_owned()
+}
+
+/// Packs busybox-static as `tag`, entrypoint `/bin/busybox`, with extra pack flags.
+pub fn pack_busybox(bin: &str, s: &TestServer, tag: &str, extra: &[&str]) {
+    pack(
+        bin,
+        s,
+        tag,
+        "/bin/busybox",
+        extra,
+        "/bin/busybox:/bin/busybox",
+    );
 }
 
 /// Packs the static hello workload as `tag`, reporting `version`.

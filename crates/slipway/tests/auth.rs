@@ -59,14 +59,7 @@ fn every_route_answers_each_principal_as_its_role_allows() {
     let file = cfg.path().join("slipway.toml");
     std::fs::write(&file, "[auth]\nlogin_failures = 100000\n").expect("config");
     let s = TestServer::start_secure(BIN, &["--config", file.to_str().expect("utf8")]);
-    slipway_testkit::pack(
-        BIN,
-        &s,
-        "team/app:v1",
-        "/bin/busybox",
-        &[],
-        "/bin/busybox:/bin/busybox",
-    );
+    slipway_testkit::pack_busybox(BIN, &s, "team/app:v1", &[]);
     for role in ["reader", "developer", "deployer", "maintainer"] {
         add_user(&s, role, &everywhere(role));
     }
@@ -196,6 +189,19 @@ fn every_route_answers_each_principal_as_its_role_allows() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // A token with only the metrics scope reads /metrics and nothing else.
+    let scraper = format!(
+        "Bearer {}",
+        token(&s, "prometheus", r#"{"metrics":true}"#, None)
+    );
+    let h = [("authorization", scraper.as_str())];
+    assert_eq!(s.request("GET", "/metrics", &h, b"").status, 200);
+    assert_eq!(
+        s.request("GET", "/v2/team/app/tags/list", &h, b"").status,
+        403
+    );
+    assert_eq!(s.request("GET", "/api/v1/users", &h, b"").status, 403);
 
     // The two error shapes, and the challenge that starts the token flow.
     let r = s.get("/v2/team/app/manifests/v1");
@@ -429,18 +435,23 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn a_container_started_by_slipway_gets_401_from_the_admin_api_and_sees_no_credentials() {
     let s = TestServer::start_secure(BIN, &[]);
-    slipway_testkit::pack(
-        BIN,
-        &s,
-        "tools:1",
-        "/bin/busybox",
-        &[],
-        "/bin/busybox:/bin/busybox",
+    let out = probe_admin_api_from_a_container(&s);
+    let token = s.admin_token.clone().expect("token");
+    assert!(
+        !out.contains(&token) && !out.contains("SLIPWAY"),
+        "the container saw the daemon's or the CLI's credentials: {out}"
     );
+}
+
+/// Runs a busybox container that prints its environment and then GETs
+/// `/api/v1/containers`; asserts the API answered it 401; returns its output.
+fn probe_admin_api_from_a_container(s: &TestServer) -> String {
+    slipway_testkit::pack_busybox(BIN, s, "tools:1", &[]);
     let url = format!("http://{}/api/v1/containers", s.host());
+    let script = format!("env; wget -q -O - {url} 2>&1; echo wget-exit=$?");
     let (code, out, err) = cli(
-        &s_bin(),
-        &s,
+        BIN,
+        s,
         &[
             "run",
             "--name",
@@ -450,23 +461,14 @@ fn a_container_started_by_slipway_gets_401_from_the_admin_api_and_sees_no_creden
             "/bin/busybox",
             "sh",
             "-c",
-            &format!("env; wget -q -O - {url} 2>&1; echo wget-exit=$?"),
+            &script,
         ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("401"), "{out}");
-    assert!(out.contains("wget-exit=1"), "{out}");
-    let token = s.admin_token.clone().expect("token");
-    assert!(
-        !out.contains(&token) && !out.contains("SLIPWAY"),
-        "the container saw the daemon's or the CLI's credentials: {out}"
-    );
-    let (code, _, _) = cli(BIN, &s, &["rm", "probe"]);
+    assert!(out.contains("401") && out.contains("wget-exit=1"), "{out}");
+    let (code, _, _) = cli(BIN, s, &["rm", "probe"]);
     assert_eq!(code, 0);
-}
-
-fn s_bin() -> String {
-    BIN.to_owned()
+    out
 }
 
 #[test]
@@ -940,34 +942,7 @@ fn with_no_user_yet_the_host_may_use_the_api_but_a_container_is_refused() {
         200,
         "authentication is off"
     );
-    slipway_testkit::pack(
-        BIN,
-        &s,
-        "tools:1",
-        "/bin/busybox",
-        &[],
-        "/bin/busybox:/bin/busybox",
-    );
-    let url = format!("http://{}/api/v1/containers", s.host());
-    let (code, out, err) = cli(
-        BIN,
-        &s,
-        &[
-            "run",
-            "--name",
-            "probe",
-            "tools:1",
-            "--",
-            "/bin/busybox",
-            "sh",
-            "-c",
-            &format!("wget -q -O - {url} 2>&1; echo wget-exit=$?"),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("401") && out.contains("wget-exit=1"), "{out}");
-    let (code, _, _) = cli(BIN, &s, &["rm", "probe"]);
-    assert_eq!(code, 0);
+    probe_admin_api_from_a_container(&s);
 }
 
 #[test]
@@ -1002,22 +977,8 @@ fn anonymous_policies_open_only_their_globs_and_htpasswd_users_import() {
     )
     .expect("config");
     let s = TestServer::start_secure(BIN, &["--config", file.to_str().expect("utf8")]);
-    slipway_testkit::pack(
-        BIN,
-        &s,
-        "public/tool:1",
-        "/bin/busybox",
-        &[],
-        "/bin/busybox:/bin/busybox",
-    );
-    slipway_testkit::pack(
-        BIN,
-        &s,
-        "private/tool:1",
-        "/bin/busybox",
-        &[],
-        "/bin/busybox:/bin/busybox",
-    );
+    slipway_testkit::pack_busybox(BIN, &s, "public/tool:1", &[]);
+    slipway_testkit::pack_busybox(BIN, &s, "private/tool:1", &[]);
     assert_eq!(
         s.get("/v2/public/tool/manifests/1").status,
         200,

@@ -14,17 +14,8 @@ fn pack_hello(s: &TestServer, tag: &str, version: &str) {
     slipway_testkit::pack_hello(BIN, s, tag, version);
 }
 
-/// Packs busybox-static as `tag`, entrypoint `/bin/busybox`, with extra pack
-/// arguments (flags, or more inputs).
 fn pack_busybox(s: &TestServer, tag: &str, extra: &[&str]) {
-    slipway_testkit::pack(
-        BIN,
-        s,
-        tag,
-        "/bin/busybox",
-        extra,
-        "/bin/busybox:/bin/busybox",
-    );
+    slipway_testkit::pack_busybox(BIN, s, tag, extra);
 }
 
 fn info(s: &TestServer, name: &str) -> serde_json::Value {
