@@ -43,40 +43,49 @@ fn client_inode(local: SocketAddr, peer: SocketAddr) -> Option<String> {
     })
 }
 
+/// The processes in Slipway containers: the members of every `/slipway/<id>`
+/// cgroup, in whichever hierarchy exists (v1 controllers or v2).
+fn container_pids() -> Vec<String> {
+    let mut pids = Vec::new();
+    for root in [
+        "/sys/fs/cgroup/pids/slipway",
+        "/sys/fs/cgroup/memory/slipway",
+        "/sys/fs/cgroup/unified/slipway",
+        "/sys/fs/cgroup/slipway",
+    ] {
+        let Ok(dirs) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for d in dirs.flatten() {
+            if let Ok(text) = std::fs::read_to_string(d.path().join("cgroup.procs")) {
+                pids.extend(text.split_whitespace().map(str::to_owned));
+            }
+        }
+    }
+    pids.sort();
+    pids.dedup();
+    pids
+}
+
 /// Whether the process holding the client end of `peer` → `local` runs in a
-/// Slipway container (its cgroup is under `/slipway/`, or its pid namespace
-/// is not ours). Unknown owners count as not.
+/// Slipway container. Only container processes are looked at, so with no
+/// container running this reads nothing but the cgroup directories.
 pub(crate) fn from_container(local: SocketAddr, peer: SocketAddr) -> bool {
+    let pids = container_pids();
+    if pids.is_empty() {
+        return false;
+    }
     let Some(inode) = client_inode(local, peer) else {
         return false;
     };
     let want = format!("socket:[{inode}]");
-    let ours = std::fs::read_link("/proc/self/ns/pid").ok();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        let holds = fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str()));
-        if holds {
-            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
-            return cgroup.lines().any(|l| l.contains(":/slipway/"))
-                || (ns.is_some() && ns != ours);
-        }
-    }
-    false
+    pids.iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str())
+            })
+        })
+    })
 }
 
 #[cfg(test)]
