@@ -869,6 +869,7 @@ fn api_err(e: AuthError) -> ApiError {
         },
         AuthError::Exists(m) => ApiError::new(ErrorKind::AlreadyExists, m),
         AuthError::NotFound(m) => ApiError::new(ErrorKind::NotFound, m),
+        AuthError::Refused(m) => ApiError::new(ErrorKind::FailedPrecondition, m),
         AuthError::Unauthenticated(m) => ApiError::new(ErrorKind::Unauthenticated, m),
         e @ AuthError::RateLimited(_) => ApiError::new(ErrorKind::Unauthenticated, e.to_string()),
         AuthError::Db(e) => ApiError::new(ErrorKind::Unavailable, e.to_string()),

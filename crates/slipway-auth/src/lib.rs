@@ -245,6 +245,9 @@ pub enum AuthError {
     /// Unknown name.
     #[error("{0}")]
     NotFound(String),
+    /// Not in the current state (removing the last admin).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A registry token answer.
@@ -473,11 +476,12 @@ impl Auth {
     }
 
     fn opaque(&self, token: &str, ip_key: &str) -> Result<Principal, AuthError> {
+        // Token secrets are 256 random bits: nothing to brute-force, so a valid
+        // token is never held back by its address's failed logins (which would
+        // let one bad client on a shared address lock everyone out). Failures
+        // still count against the address for password logins.
         let keys = [ip_key.to_owned()];
         let now = Instant::now();
-        self.limiter
-            .check(&keys, now)
-            .map_err(AuthError::RateLimited)?;
         let refused = || {
             self.limiter.fail(&keys, now);
             AuthError::Unauthenticated("the token is invalid, expired or revoked".into())
@@ -665,6 +669,15 @@ impl Auth {
 
     /// Removes a user and revokes its refresh tokens.
     pub fn remove_user(&self, name: &str) -> Result<(), AuthError> {
+        let users = self.db.users()?;
+        let is_admin = |u: &UserRecord| u.permissions.admin;
+        if users.iter().any(|u| u.name == name && is_admin(u))
+            && users.iter().filter(|u| is_admin(u)).count() == 1
+        {
+            return Err(AuthError::Refused(format!(
+                "{name:?} is the last admin: add another admin first"
+            )));
+        }
         if self.db.remove_user(name, now_ms())? {
             Ok(())
         } else {

@@ -175,6 +175,15 @@ fn registry_tokens_grant_the_intersection_of_asked_and_allowed() {
         .expect("refresh");
     assert_eq!(rp.name, "dev");
     a.remove_user("dev").expect("rm");
+    a.add_user("root", "root-password", Permissions::admin())
+        .expect("admin");
+    assert!(
+        matches!(a.remove_user("root"), Err(AuthError::Refused(_))),
+        "the last admin stays"
+    );
+    a.add_user("root2", "root-password", Permissions::admin())
+        .expect("admin");
+    a.remove_user("root").expect("another admin exists");
     assert!(a.principal_named("dev").expect("lookup").is_none());
 }
 

@@ -1030,3 +1030,45 @@ fn anonymous_policies_open_only_their_globs_and_htpasswd_users_import() {
     );
     assert_eq!(r.status, 401);
 }
+
+#[test]
+fn repeated_failed_logins_from_one_address_are_answered_429_with_retry_after() {
+    let cfg = tempfile::tempdir().expect("tmp");
+    let file = cfg.path().join("slipway.toml");
+    std::fs::write(&file, "[auth]\nlogin_failures = 3\nlogin_window = \"1m\"\n").expect("config");
+    let s = TestServer::start_secure(BIN, &["--config", file.to_str().expect("utf8")]);
+    let wrong = basic(ADMIN.0, "not-the-password");
+    for _ in 0..3 {
+        let r = s.request("GET", "/v2/", &[("authorization", &wrong)], b"");
+        assert_eq!(r.status, 401);
+    }
+    for path in ["/v2/", "/api/v1/status", "/auth/token?service=slipway"] {
+        let r = s.request("GET", path, &[("authorization", &wrong)], b"");
+        assert_eq!(r.status, 429, "{path}");
+        let wait: u64 = r
+            .header("retry-after")
+            .expect("retry-after")
+            .parse()
+            .expect("seconds");
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+    // Even the right password waits: the address is over its limit.
+    let r = s.request(
+        "GET",
+        "/v2/",
+        &[("authorization", &basic(ADMIN.0, ADMIN.1))],
+        b"",
+    );
+    assert_eq!(r.status, 429);
+    // A valid API token is not held back (nothing to brute-force in 256 bits).
+    let bearer = format!("Bearer {}", s.admin_token.clone().expect("token"));
+    let r = s.request("GET", "/api/v1/status", &[("authorization", &bearer)], b"");
+    assert_eq!(r.status, 200);
+    // The audit log kept every refusal, without the password.
+    let audit = std::fs::read_to_string(s.data.join("audit/audit.log")).expect("audit");
+    assert!(
+        audit.matches("\"action\":\"login\"").count() >= 6,
+        "{audit}"
+    );
+    assert!(!audit.contains("not-the-password"));
+}
