@@ -398,6 +398,16 @@ fn cli_login_stores_a_private_token_and_every_command_uses_it() {
     assert_eq!(code, 0);
     let (code, _, _) = cli_with(BIN, &s, &["whoami"], &env_none, None);
     assert_eq!(code, 77);
+    // docker's `-p` works too, with a warning.
+    let (code, _, err) = cli_with(
+        BIN,
+        &s,
+        &["login", "-u", ADMIN.0, "-p", ADMIN.1],
+        &env_none,
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("prefer --password-stdin"), "{err}");
     // Nothing Slipway wrote holds the password or the token in clear.
     let mut hay = Vec::new();
     for entry in walk(&s.data) {

@@ -19,6 +19,24 @@ pub struct PasswordArgs {
     /// Read the password from stdin (one line) instead of prompting.
     #[arg(long)]
     password_stdin: bool,
+    /// The password itself (visible to other users of this machine in the process
+    /// list: prefer --password-stdin).
+    #[arg(long, short = 'p', conflicts_with = "password_stdin")]
+    password: Option<String>,
+}
+
+impl PasswordArgs {
+    fn read(&self, prompt: &str) -> anyhow::Result<String> {
+        match &self.password {
+            Some(p) => {
+                eprintln_note(
+                    "warning: --password is visible in the process list; prefer --password-stdin",
+                );
+                Ok(p.clone())
+            }
+            None => read_secret(self.password_stdin, prompt),
+        }
+    }
 }
 
 /// Rights given to a user or token.
@@ -140,9 +158,19 @@ pub async fn login(client: &Client, server: &str, a: LoginArgs) -> anyhow::Resul
         None => {
             let user = match a.username {
                 Some(u) => u,
+                None if std::io::IsTerminal::is_terminal(&std::io::stdin())
+                    && !a.password.password_stdin =>
+                {
+                    eprint_prompt("Username: ");
+                    let mut u = String::new();
+                    std::io::stdin()
+                        .read_line(&mut u)
+                        .context("cannot read the user name")?;
+                    u.trim().to_owned()
+                }
                 None => anyhow::bail!("login: give --username (or --token for an API token)"),
             };
-            let password = read_secret(a.password.password_stdin, "Password: ")?;
+            let password = a.password.read("Password: ")?;
             let answer = client.login(&user, &password).await?;
             let token = answer
                 .refresh_token
@@ -283,7 +311,7 @@ pub async fn user(
             data,
         } => {
             let rights = rights.rights()?;
-            let pw = read_secret(password.password_stdin, "Password: ")?;
+            let pw = password.read("Password: ")?;
             match data {
                 Some(d) => offline(&d)?
                     .add_user(&name, &pw, permissions(&rights)?)
@@ -335,7 +363,7 @@ pub async fn user(
             password,
             data,
         } => {
-            let pw = read_secret(password.password_stdin, "New password: ")?;
+            let pw = password.read("New password: ")?;
             match data {
                 Some(d) => offline(&d)?.set_password(&name, &pw).map_err(offline_err)?,
                 None => client()?.set_password(&name, &pw).await?,
@@ -477,6 +505,13 @@ pub async fn token(client: &Client, c: TokenCommand, format: Format) -> anyhow::
 #[expect(clippy::print_stderr, reason = "a note beside the token on stdout")]
 fn eprintln_note(s: &str) {
     eprintln!("{s}");
+}
+
+#[expect(clippy::print_stderr, reason = "an interactive prompt")]
+fn eprint_prompt(s: &str) {
+    use std::io::Write as _;
+    eprint!("{s}");
+    let _ = std::io::stderr().flush();
 }
 
 /// `slipway audit`
