@@ -260,7 +260,8 @@ fn allowed(p: &Principal, need: &Need) -> bool {
         Need::Open => true,
         Need::Authenticated => !p.is_anonymous() || p.via == Via::Unrestricted,
         Need::Repo(name, action) => p.allows(Kind::Repository, name, *action),
-        Need::Catalog => p.allows_catalog(),
+        // Anyone known may list the catalog: it is filtered to what they may pull.
+        Need::Catalog => p.allows_catalog() || !p.is_anonymous(),
         Need::Service(name, action) => p.allows(Kind::Service, name, *action),
         Need::Admin => p.is_admin(),
         Need::Metrics => p.allows_metrics(),
@@ -623,6 +624,13 @@ pub(crate) async fn gate(State(g): State<Arc<Gate>>, mut req: Request, next: Nex
         if let Ok(uri) = pq.parse() {
             *req.uri_mut() = uri;
         }
+    }
+    if op.need == Need::Catalog && !principal.allows_catalog() {
+        let p = principal.clone();
+        req.extensions_mut()
+            .insert(slipway_registry::CatalogFilter(Arc::new(
+                move |repo: &str| p.allows(Kind::Repository, repo, Action::Pull),
+            )));
     }
     req.extensions_mut()
         .insert(slipway_registry::Caller(principal.name.clone()));

@@ -27,6 +27,11 @@ const API_VERSION: &str = "registry/2.0";
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
 
+/// Limits `/v2/_catalog` to the repositories a caller may see, when its
+/// authentication layer puts one in the request's extensions.
+#[derive(Clone)]
+pub struct CatalogFilter(pub std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
 /// Marks a response with the route it served, for request metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteLabel(pub &'static str);
@@ -87,7 +92,10 @@ async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response> 
             Ok((StatusCode::OK, axum::Json(serde_json::json!({}))).into_response())
         }
         (Route::Base, m) => Err(not_allowed(&m, "GET, HEAD")),
-        (Route::Catalog, Method::GET) => catalog(reg, &query).await,
+        (Route::Catalog, Method::GET) => {
+            let filter = req.extensions().get::<CatalogFilter>().cloned();
+            catalog(reg, &query, filter).await
+        }
         (Route::Catalog, m) => Err(not_allowed(&m, "GET")),
         (Route::Tags(repo), Method::GET) => tags(reg, repo, &query).await,
         (Route::Tags(_), m) => Err(not_allowed(&m, "GET")),
@@ -191,11 +199,23 @@ fn paged(
     resp
 }
 
-async fn catalog(reg: &Registry, query: &HashMap<String, String>) -> Result<Response> {
+async fn catalog(
+    reg: &Registry,
+    query: &HashMap<String, String>,
+    filter: Option<CatalogFilter>,
+) -> Result<Response> {
     let n = page_size(query)?;
     let last = query.get("last").cloned();
-    let repos = blocking(reg, move |s| {
-        s.list_repos(last.as_deref(), n.map(|n| n + 1))
+    let repos = blocking(reg, move |s| match filter {
+        None => s.list_repos(last.as_deref(), n.map(|n| n + 1)),
+        Some(CatalogFilter(keep)) => {
+            let mut all = s.list_repos(last.as_deref(), None)?;
+            all.retain(|r| keep(r));
+            if let Some(n) = n {
+                all.truncate(n + 1);
+            }
+            Ok(all)
+        }
     })
     .await?;
     Ok(paged(

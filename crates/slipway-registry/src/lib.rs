@@ -13,7 +13,7 @@
 
 mod error;
 mod handlers;
-pub use handlers::{Caller, RouteLabel};
+pub use handlers::{Caller, CatalogFilter, RouteLabel};
 mod metrics;
 pub mod route;
 

@@ -77,7 +77,7 @@ fn every_route_answers_each_principal_as_its_role_allows() {
     // admin, scoped token); 'A' = allowed (any answer but 401/403), '3' = 403.
     let routes: &[(&str, String, &str, &str)] = &[
         ("GET", "/v2/".into(), "", "AAAAAA"),
-        ("GET", "/v2/_catalog".into(), "", "AAAAA3"),
+        ("GET", "/v2/_catalog".into(), "", "AAAAAA"),
         ("GET", "/v2/team/app/tags/list".into(), "", "AAAAAA"),
         ("HEAD", "/v2/team/app/manifests/v1".into(), "", "AAAAAA"),
         ("GET", "/v2/other/x/tags/list".into(), "", "AAAAA3"),
@@ -190,6 +190,21 @@ fn every_route_answers_each_principal_as_its_role_allows() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
+    // The catalog shows each principal what it may pull.
+    let cat = |auth: &str| {
+        s.request("GET", "/v2/_catalog", &[("authorization", auth)], b"")
+            .json()["repositories"]
+            .clone()
+    };
+    slipway_testkit::pack_busybox(BIN, &s, "other/x:1", &[]);
+    assert_eq!(
+        cat(&format!("Bearer {scoped}")),
+        serde_json::json!(["team/app"])
+    );
+    assert_eq!(
+        cat(&basic(ADMIN.0, ADMIN.1)),
+        serde_json::json!(["other/x", "team/app"])
+    );
     // A token with only the metrics scope reads /metrics and nothing else.
     let scraper = format!(
         "Bearer {}",
