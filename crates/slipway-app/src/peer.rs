@@ -61,6 +61,10 @@ fn container_pids() -> Vec<String> {
                 pids.extend(text.split_whitespace().map(str::to_owned));
             }
         }
+        // One hierarchy that has them is enough: every one lists the same processes.
+        if !pids.is_empty() {
+            break;
+        }
     }
     pids.sort();
     pids.dedup();
