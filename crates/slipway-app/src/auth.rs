@@ -1185,7 +1185,7 @@ pub(crate) fn secrets_router(gate: Arc<Gate>, services: Arc<crate::services::Ser
 pub(crate) fn router(g: Arc<Gate>) -> Router {
     use axum::routing::{delete, get, put};
     Router::new()
-        .route("/auth/token", get(token).post(token))
+        .route("/auth/token", axum::routing::any(token))
         .route("/auth/jwks.json", get(jwks))
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/users", get(users).post(add_user))

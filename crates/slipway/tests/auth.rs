@@ -1097,3 +1097,139 @@ fn repeated_failed_logins_from_one_address_are_answered_429_with_retry_after() {
     );
     assert!(!audit.contains("not-the-password"));
 }
+
+#[test]
+fn malformed_credentials_and_token_requests_get_precise_errors() {
+    let s = TestServer::start_secure(BIN, &[]);
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let cases: &[(&str, &str, &[(&str, &str)], &str, u16, &str)] = &[
+        (
+            "GET",
+            "/v2/",
+            &[("authorization", "Digest abc")],
+            "",
+            401,
+            "Basic or Bearer",
+        ),
+        (
+            "GET",
+            "/v2/",
+            &[("authorization", "Basic !!!")],
+            "",
+            401,
+            "base64",
+        ),
+        (
+            "GET",
+            "/api/v1/status",
+            &[("authorization", "Bearer a.b.c")],
+            "",
+            401,
+            "well-formed JWT",
+        ),
+        (
+            "GET",
+            "/api/v1/status",
+            &[("authorization", "Bearer slw_nothex_x")],
+            "",
+            401,
+            "invalid, expired or revoked",
+        ),
+        (
+            "POST",
+            "/auth/token",
+            &form,
+            "grant_type=client_credentials",
+            400,
+            "unsupported grant_type",
+        ),
+        (
+            "POST",
+            "/auth/token",
+            &form,
+            "grant_type=password&username=admin",
+            400,
+            "needs username and password",
+        ),
+        (
+            "POST",
+            "/auth/token",
+            &form,
+            "grant_type=refresh_token",
+            400,
+            "needs refresh_token",
+        ),
+        (
+            "POST",
+            "/auth/token",
+            &form,
+            "grant_type=refresh_token&refresh_token=slr_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            401,
+            "invalid, expired or revoked",
+        ),
+        (
+            "GET",
+            "/auth/token?service=other",
+            &[],
+            "",
+            400,
+            "issues tokens for service",
+        ),
+        (
+            "GET",
+            "/auth/token?scope=Repository:x",
+            &[],
+            "",
+            400,
+            "invalid scope",
+        ),
+        ("DELETE", "/auth/token", &[], "", 405, "GET or POST"),
+    ];
+    for (method, path, headers, body, status, needle) in cases {
+        let r = s.request(method, path, headers, body.as_bytes());
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, *status, "{method} {path}: {text}");
+        assert!(text.contains(needle), "{method} {path}: {text}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "JSON: {text}"
+        );
+    }
+    // An 8 KiB+ header is refused, not parsed.
+    let long = format!("Bearer {}", "a".repeat(9000));
+    let r = s.request("GET", "/api/v1/status", &[("authorization", &long)], b"");
+    assert_eq!(r.status, 401);
+    // Bad rights in a user or token request name the field.
+    let r = as_admin(
+        &s,
+        "POST",
+        "/api/v1/users",
+        r#"{"name":"x","password":"long-enough","rights":{"grants":[{"kind":"repository","glob":"a","role":"owner"}]}}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["field"].as_str()),
+        (400, Some("rights.grants"))
+    );
+    let r = as_admin(
+        &s,
+        "POST",
+        "/api/v1/users",
+        r#"{"name":"x","password":"short"}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["field"].as_str()),
+        (400, Some("password"))
+    );
+    let r = as_admin(&s, "POST", "/api/v1/tokens", r#"{"name":"../evil"}"#);
+    assert_eq!(
+        (r.status, r.json()["error"]["field"].as_str()),
+        (400, Some("name"))
+    );
+    let r = as_admin(&s, "DELETE", "/api/v1/users/admin", "");
+    assert_eq!(
+        r.status,
+        409,
+        "the last admin stays: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
