@@ -1102,7 +1102,16 @@ fn repeated_failed_logins_from_one_address_are_answered_429_with_retry_after() {
 fn malformed_credentials_and_token_requests_get_precise_errors() {
     let s = TestServer::start_secure(BIN, &[]);
     let form = [("content-type", "application/x-www-form-urlencoded")];
-    let cases: &[(&str, &str, &[(&str, &str)], &str, u16, &str)] = &[
+    // (method, path, headers, body, status, a phrase the error must hold)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        u16,
+        &'a str,
+    );
+    let cases: &[Case] = &[
         (
             "GET",
             "/v2/",
