@@ -84,6 +84,10 @@ pub struct RunRequest {
     /// Capabilities dropped from it (`NET_RAW`, `ALL`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cap_drop: Vec<String>,
+    /// Run in a user namespace: the container's root is an unprivileged host
+    /// uid (the runtime's `userns` range), on a private, shifted copy of the image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub userns: bool,
 }
 
 /// A container's lifecycle state.

@@ -74,6 +74,8 @@ pub struct InstanceSpec {
     pub cap_add: Vec<String>,
     /// Capabilities dropped from it.
     pub cap_drop: Vec<String>,
+    /// Run in a user namespace.
+    pub userns: bool,
 }
 
 impl InstanceSpec {
@@ -109,6 +111,7 @@ impl InstanceSpec {
             stop_timeout: spec.stop_timeout.0,
             cap_add: spec.cap_add.clone(),
             cap_drop: spec.cap_drop.clone(),
+            userns: spec.userns,
         }
     }
 }

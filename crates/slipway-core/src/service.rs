@@ -137,6 +137,10 @@ pub struct ServiceSpec {
     /// Capabilities dropped from it, e.g. `["NET_RAW"]` or `["ALL"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cap_drop: Vec<String>,
+    /// Run instances in a user namespace (root inside is an unprivileged host
+    /// uid; each instance gets a private, shifted copy of the image).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub userns: bool,
 }
 
 /// `[autoscale]`: keep requests/s per instance near a target.

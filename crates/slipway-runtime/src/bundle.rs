@@ -39,6 +39,8 @@ pub struct BundleConfig {
     pub cgroup: String,
     /// Soft and hard RLIMIT_NOFILE (must stay within the host's hard limit).
     pub nofile: u64,
+    /// A user namespace mapping container ids 0..USERNS_SIZE to host ids from this.
+    pub userns: Option<u32>,
     /// The capability set (see [`crate::security`]).
     pub capabilities: std::collections::HashSet<oci_spec::runtime::Capability>,
 }
@@ -46,6 +48,9 @@ pub struct BundleConfig {
 fn spec_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Bundle(e.to_string())
 }
+
+/// Container ids a user namespace maps (0..65535).
+pub const USERNS_SIZE: u32 = 65_536;
 
 /// CFS period used for `cpus`.
 const CPU_PERIOD: u64 = 100_000;
@@ -171,20 +176,54 @@ pub fn build_spec(c: &BundleConfig) -> Result<Spec, RuntimeError> {
                 .map_err(spec_err)?,
         );
     }
-    let namespaces = [
+    let mut kinds = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
-    ]
-    .into_iter()
-    .map(|t| {
-        LinuxNamespaceBuilder::default()
-            .typ(t)
-            .build()
-            .map_err(spec_err)
-    })
-    .collect::<Result<Vec<_>, _>>()?;
+    ];
+    if c.userns.is_some() {
+        kinds.push(LinuxNamespaceType::User);
+        // sysfs cannot be mounted in a user namespace that does not own the
+        // network namespace (the host's, here): bind the host's, read-only,
+        // as runc's rootless spec does.
+        let mounts: Vec<_> = spec
+            .mounts()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.typ().as_deref() != Some("cgroup"))
+            .map(|m| {
+                if m.typ().as_deref() == Some("sysfs") {
+                    MountBuilder::default()
+                        .destination("/sys")
+                        .typ("none")
+                        .source("/sys")
+                        .options(vec![
+                            "rbind".into(),
+                            "nosuid".into(),
+                            "noexec".into(),
+                            "nodev".into(),
+                            "ro".into(),
+                        ])
+                        .build()
+                        .unwrap_or(m)
+                } else {
+                    m
+                }
+            })
+            .collect();
+        spec.set_mounts(Some(mounts));
+    }
+    let namespaces = kinds
+        .into_iter()
+        .map(|t| {
+            LinuxNamespaceBuilder::default()
+                .typ(t)
+                .build()
+                .map_err(spec_err)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let defaults = spec.linux().clone().unwrap_or_default();
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
@@ -195,6 +234,17 @@ pub fn build_spec(c: &BundleConfig) -> Result<Spec, RuntimeError> {
         .seccomp(crate::security::seccomp(&c.capabilities)?)
         .build()
         .map_err(spec_err)?;
+    let mut linux = linux;
+    if let Some(base) = c.userns {
+        let map = oci_spec::runtime::LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(base)
+            .size(USERNS_SIZE)
+            .build()
+            .map_err(spec_err)?;
+        linux.set_uid_mappings(Some(vec![map]));
+        linux.set_gid_mappings(Some(vec![map]));
+    }
     spec.set_linux(Some(linux));
     Ok(spec)
 }

@@ -2,6 +2,7 @@
 //! start under a supervisor.
 
 use std::fs::{self};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,16 +52,44 @@ impl Runtime {
         Path::new(SECRETS_ROOT).join(id)
     }
 
-    fn write_secrets(&self, id: &str, secrets: &Secrets) -> Result<PathBuf, RuntimeError> {
+    /// Writes the secret files under the container's tmpfs directory (mode 0700,
+    /// owned by the user namespace's root when there is one; the directories
+    /// above it only let others pass through).
+    fn write_secrets(
+        &self,
+        id: &str,
+        secrets: &Secrets,
+        owner: Option<u32>,
+    ) -> Result<PathBuf, RuntimeError> {
         use std::io::Write as _;
         use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
         let dir = self.secrets_dir(id);
         let io = |e| RuntimeError::Io("write secrets".into(), e);
         fs::DirBuilder::new()
             .recursive(true)
+            .mode(0o711)
+            .create(SECRETS_ROOT)
+            .map_err(io)?;
+        for d in [
+            Path::new(SECRETS_ROOT),
+            Path::new(SECRETS_ROOT)
+                .parent()
+                .unwrap_or(Path::new("/run")),
+        ] {
+            if d != Path::new("/run") {
+                fs::set_permissions(d, fs::Permissions::from_mode(0o711)).map_err(io)?;
+            }
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
             .mode(0o700)
             .create(dir.join("files"))
             .map_err(io)?;
+        if let Some(uid) = owner {
+            for d in [dir.clone(), dir.join("files")] {
+                std::os::unix::fs::chown(&d, Some(uid), Some(uid)).map_err(io)?;
+            }
+        }
         for (name, value) in &secrets.files {
             let mut f = fs::OpenOptions::new()
                 .write(true)
@@ -190,12 +219,16 @@ impl Runtime {
         let rootfs_dir = bundle_dir.join("rootfs");
         let mut top_first: Vec<PathBuf> = lowers.to_vec();
         top_first.reverse();
-        let kind = rootfs::prepare(
-            &top_first,
-            &dir.join("upper"),
-            &dir.join("work"),
-            &rootfs_dir,
-        )
+        let userns = req.userns.then_some(self.cfg.userns_base);
+        let kind = match userns {
+            Some(base) => rootfs::prepare_shifted(&top_first, &rootfs_dir, base),
+            None => rootfs::prepare(
+                &top_first,
+                &dir.join("upper"),
+                &dir.join("work"),
+                &rootfs_dir,
+            ),
+        }
         .map_err(io("prepare root filesystem"))?;
 
         let cfg = &img.config;
@@ -256,12 +289,16 @@ impl Runtime {
             let (vname, path) = v.split_once(':').unwrap_or((v, "/data"));
             let host = self.cfg.root.join("volumes").join(vname);
             fs::create_dir_all(&host).map_err(io("create volume"))?;
+            if let Some(base) = userns {
+                std::os::unix::fs::chown(&host, Some(base), Some(base))
+                    .map_err(io("give the volume to the user namespace"))?;
+            }
             binds.push((host, path.to_owned()));
         }
         let private = if secrets.is_empty() {
             None
         } else {
-            Some(self.write_secrets(id, secrets)?)
+            Some(self.write_secrets(id, secrets, userns)?)
         };
         let ro_files = secrets
             .files
@@ -274,6 +311,7 @@ impl Runtime {
             .collect();
         let bc = BundleConfig {
             ro_files,
+            userns,
             args,
             env,
             cwd: cfg["WorkingDir"]

@@ -82,6 +82,48 @@ pub fn prepare(
     Ok(RootfsKind::Copy)
 }
 
+/// A private copy of the layers at `target` whose owners are shifted by `shift`,
+/// for a container in a user namespace that maps its root to host uid `shift`
+/// (runc 1.1 has no idmapped mounts, so shared snapshots cannot be shifted).
+pub fn prepare_shifted(
+    lowers_top_first: &[PathBuf],
+    target: &Path,
+    shift: u32,
+) -> io::Result<RootfsKind> {
+    fs::create_dir_all(target)?;
+    for l in lowers_top_first.iter().rev() {
+        merge_layer(l, target)?;
+    }
+    for name in MOUNTPOINTS {
+        if fs::symlink_metadata(target.join(name)).is_err() {
+            fs::create_dir(target.join(name))?;
+            fs::set_permissions(target.join(name), fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    shift_owners(target, shift)?;
+    Ok(RootfsKind::Copy)
+}
+
+/// Adds `shift` to the owner and group of everything under `p` (keeping
+/// set-id bits, which chown clears).
+fn shift_owners(p: &Path, shift: u32) -> io::Result<()> {
+    let md = fs::symlink_metadata(p)?;
+    std::os::unix::fs::lchown(
+        p,
+        Some(md.uid().saturating_add(shift)),
+        Some(md.gid().saturating_add(shift)),
+    )?;
+    if !md.file_type().is_symlink() && md.mode() & 0o6000 != 0 {
+        fs::set_permissions(p, fs::Permissions::from_mode(md.mode() & 0o7777))?;
+    }
+    if md.is_dir() {
+        for e in fs::read_dir(p)? {
+            shift_owners(&e?.path(), shift)?;
+        }
+    }
+    Ok(())
+}
+
 /// Undoes [`prepare`]: unmounts an overlay. A missing mount is not an error.
 pub fn release(target: &Path, kind: RootfsKind) -> io::Result<()> {
     if kind == RootfsKind::Overlay && is_mounted(target) {

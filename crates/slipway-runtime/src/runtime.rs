@@ -35,6 +35,9 @@ pub struct RuntimeConfig {
     /// `host:port` names under which the embedded registry is reachable; image
     /// references with these hosts (or none) are read straight from the store.
     pub local_hosts: Vec<String>,
+    /// First host uid/gid of the range user-namespaced containers map to
+    /// (65536 ids). Default 1000000000, far above login users.
+    pub userns_base: u32,
 }
 
 impl RuntimeConfig {
@@ -48,6 +51,7 @@ impl RuntimeConfig {
             stop_grace: Duration::from_secs(10),
             nofile: 1024,
             local_hosts: Vec::new(),
+            userns_base: 1_000_000_000,
         }
     }
 }

@@ -974,4 +974,91 @@ fn debians_own_nginx_runs_chowns_its_dirs_and_switches_workers_to_www_data() {
         "{uids:?}"
     );
     rm_and_assert_gone(&s, "nginx", true, None);
+
+    // The same image in a user namespace: www-data is host uid 1000000033.
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "-d",
+            "--userns",
+            "--name",
+            "nginx-uns",
+            "nginx:bookworm",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let served = poll(Duration::from_secs(30), || {
+        slipway_testkit::http_get(port, "/").filter(|r| r.status == 200)
+    });
+    let (_, logs, _) = cli(BIN, &s, &["logs", "nginx-uns"]);
+    assert!(
+        served.is_some(),
+        "nginx in a user namespace never answered; its log:\n{logs}"
+    );
+    let pid = s.get("/api/v1/containers/nginx-uns").json()["pid"]
+        .as_u64()
+        .expect("pid");
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let worker_uid = children
+        .split_whitespace()
+        .filter_map(|c| std::fs::read_to_string(format!("/proc/{c}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(str::to_owned)
+        })
+        .next()
+        .unwrap_or_default();
+    assert_eq!(
+        worker_uid.split_whitespace().nth(1),
+        Some("1000000033"),
+        "{worker_uid}"
+    );
+    rm_and_assert_gone(&s, "nginx-uns", true, None);
+}
+
+#[test]
+fn a_user_namespaced_container_is_root_inside_and_an_unprivileged_uid_outside() {
+    let s = TestServer::start(BIN);
+    pack_busybox(&s, "userns:1", &[]);
+    let script = "cat /proc/self/uid_map; id -u; touch /written && echo wrote; \
+                  chown 33 /written && stat -c owner=%u /written; sleep 30";
+    let (code, _, err) = cli(
+        BIN,
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "uns",
+            "--userns",
+            "userns:1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let out = poll(Duration::from_secs(20), || {
+        let (_, out, _) = cli(BIN, &s, &["logs", "uns"]);
+        out.contains("owner=").then_some(out)
+    })
+    .unwrap_or_else(|| panic!("{:?}", cli(BIN, &s, &["logs", "uns"])));
+    assert!(out.contains("0 1000000000      65536"), "{out}");
+    assert!(out.lines().any(|l| l.trim() == "0"), "root inside: {out}");
+    assert!(out.contains("wrote") && out.contains("owner=33"), "{out}");
+    // Outside, its processes belong to the shifted uid.
+    let pid = info(&s, "uns")["pid"].as_u64().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("uid line");
+    assert_eq!(uid.split_whitespace().nth(1), Some("1000000000"), "{uid}");
+    rm_and_assert_gone(&s, "uns", true, None);
 }

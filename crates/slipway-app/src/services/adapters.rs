@@ -153,6 +153,7 @@ impl Instances for RuntimeInstances {
                 stop_signal: spec.stop_signal.clone(),
                 cap_add: spec.cap_add.clone(),
                 cap_drop: spec.cap_drop.clone(),
+                userns: spec.userns,
                 ..RunRequest::default()
             };
             let mut secrets = slipway_runtime::Secrets::default();

@@ -130,6 +130,9 @@ pub struct RunArgs {
     /// Drop a capability from it (repeatable; ALL drops every one).
     #[arg(long = "cap-drop", value_name = "CAP")]
     pub cap_drop: Vec<String>,
+    /// Run in a user namespace: root inside is an unprivileged host uid.
+    #[arg(long)]
+    pub userns: bool,
     /// Return once started instead of following the logs.
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -195,6 +198,7 @@ async fn run_container(client: &Client, a: RunArgs, format: Format) -> anyhow::R
         stop_signal: a.stop_signal,
         cap_add: a.cap_add,
         cap_drop: a.cap_drop,
+        userns: a.userns,
     };
     let info = client.run(&req).await?;
     if a.detach {
