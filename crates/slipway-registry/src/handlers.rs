@@ -65,7 +65,10 @@ async fn dispatch(State(reg): State<Registry>, req: Request) -> Response {
             };
             (label, resp)
         }
-        Err(e) => ("unknown", e.into_response()),
+        Err(e) => (
+            "unknown",
+            unknown_reference(req.method(), rest, e).into_response(),
+        ),
     };
     resp.headers_mut().insert(
         "docker-distribution-api-version",
@@ -73,6 +76,29 @@ async fn dispatch(State(reg): State<Registry>, req: Request) -> Response {
     );
     resp.extensions_mut().insert(RouteLabel(label));
     resp
+}
+
+/// A manifest that cannot exist (its reference is not a valid tag or digest) is
+/// one that is not in the repository: reads and deletes answer 404
+/// `MANIFEST_UNKNOWN`, as the distribution spec does for a missing manifest. A
+/// push keeps the 400: there the client is told what is wrong with its input.
+fn unknown_reference(method: &Method, rest: &str, e: RegistryError) -> RegistryError {
+    let reads = matches!(*method, Method::GET | Method::HEAD | Method::DELETE);
+    let segs: Vec<&str> = rest.split('/').collect();
+    let is_manifest = segs.len() >= 3
+        && segs[segs.len() - 2] == "manifests"
+        && segs[..segs.len() - 2].join("/").parse::<RepoName>().is_ok();
+    if reads && is_manifest && matches!(e.code, Code::TagInvalid | Code::DigestInvalid) {
+        return RegistryError::new(
+            Code::ManifestUnknown,
+            format!(
+                "manifest {:?} is not known in this repository ({})",
+                segs[segs.len() - 1],
+                e.message
+            ),
+        );
+    }
+    e
 }
 
 fn not_allowed(method: &Method, allow: &'static str) -> RegistryError {

@@ -432,6 +432,16 @@ fn bad_manifests_get_precise_errors() {
         m.as_bytes(),
     );
     assert_eq!((r.status, r.error_code().as_str()), (400, "TAG_INVALID"));
+    // Reading or deleting a reference that cannot exist is a missing manifest.
+    for method in ["GET", "HEAD", "DELETE"] {
+        for reference in [".INVALID", "-bad-tag", "sha256:zz"] {
+            let r = s.request(method, &format!("/v2/app/manifests/{reference}"), &[], b"");
+            assert_eq!(r.status, 404, "{method} {reference}");
+            if method != "HEAD" {
+                assert_eq!(r.error_code(), "MANIFEST_UNKNOWN", "{method} {reference}");
+            }
+        }
+    }
     // Nothing of the above became a repository.
     assert_eq!(
         s.get("/v2/_catalog").json()["repositories"]
@@ -459,7 +469,7 @@ fn hostile_names_and_digests_never_reach_the_filesystem() {
             "/v2/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
             "DIGEST_INVALID",
         ),
-        ("/v2/app/manifests/..", "TAG_INVALID"),
+        ("/v2/app/manifests/..", "MANIFEST_UNKNOWN"),
         (
             "/v2/app/blobs/uploads/..%2f..%2fmeta.redb",
             "BLOB_UPLOAD_UNKNOWN",
