@@ -34,10 +34,8 @@ pub(crate) struct DirWatch {
 impl DirWatch {
     /// Watches `dir`; never fails (falls back to polling).
     #[expect(
-        deprecated,
-        reason = "AsyncFd::new is deprecated because a borrowed fd could close under it; \
-                  `Fd` owns its inotify descriptor for the AsyncFd's whole life, so the \
-                  safe constructor is sound here and avoids `unsafe` (`register`)"
+        unsafe_code,
+        reason = "AsyncFd::register is unsafe: the caller vouches for the fd's lifetime"
     )]
     pub(crate) fn new(dir: &Path) -> Self {
         let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
@@ -48,7 +46,12 @@ impl DirWatch {
                     AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
                 )
                 .ok()?;
-                AsyncFd::new(Fd(i)).ok()
+                // SAFETY: `Fd` owns the inotify instance, so the descriptor it
+                // returns is open and the same one for as long as the `AsyncFd`
+                // holds it: nothing else can close it, `as_raw_fd` always returns
+                // that one fd, and it is closed only when the `AsyncFd` (and with
+                // it the `Fd`) is dropped, after deregistration.
+                unsafe { AsyncFd::register(Fd(i)) }.ok()
             });
         Self { fd }
     }
