@@ -12,14 +12,30 @@ use crate::spec::RestartPolicy;
 
 use crate::runtime::*;
 
-impl Runtime {
-    /// Whether the container's last run hit its memory limit's OOM killer.
-    pub(crate) fn oom_killed(id: &str) -> bool {
-        let p = format!("/sys/fs/cgroup/memory/slipway/{id}/memory.oom_control");
-        fs::read_to_string(p).ok().is_some_and(|s| {
+/// Whether the cgroup `/slipway/<id>` under the hierarchy mounted at `root`
+/// counted an OOM kill: `memory.oom_control` on cgroup v1, `memory.events` on
+/// v2 (a v2-only host, or a hybrid one with memory on the unified tree). Both
+/// name the count `oom_kill`.
+fn oom_killed_in(root: &Path, id: &str) -> bool {
+    let candidates = [
+        root.join("memory/slipway")
+            .join(id)
+            .join("memory.oom_control"),
+        root.join("slipway").join(id).join("memory.events"),
+        root.join("unified/slipway").join(id).join("memory.events"),
+    ];
+    candidates.iter().any(|p| {
+        fs::read_to_string(p).is_ok_and(|s| {
             s.lines()
                 .any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim() != "0"))
         })
+    })
+}
+
+impl Runtime {
+    /// Whether the container's last run hit its memory limit's OOM killer.
+    pub(crate) fn oom_killed(id: &str) -> bool {
+        oom_killed_in(Path::new("/sys/fs/cgroup"), id)
     }
 
     pub(crate) async fn supervise(self: Arc<Self>, ctr: Arc<Ctr>, runc: Runc, adopt: Option<u32>) {
@@ -175,5 +191,44 @@ impl Runtime {
             tick.tick().await;
             self.rotate_log(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod oom_tests {
+    use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_v1_and_v2_hierarchies() {
+        let root = tempfile::tempdir().expect("tmp");
+        let write = |rel: &str, text: &str| {
+            let p = root.path().join(rel);
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(p, text).expect("write");
+        };
+        write(
+            "memory/slipway/a/memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        );
+        write(
+            "slipway/b/memory.events",
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n",
+        );
+        write(
+            "unified/slipway/c/memory.events",
+            "low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\n",
+        );
+        write(
+            "slipway/d/memory.events",
+            "low 0\nhigh 0\nmax 9\noom 0\noom_kill 0\n",
+        );
+        assert!(oom_killed_in(root.path(), "a"), "v1");
+        assert!(oom_killed_in(root.path(), "b"), "v2");
+        assert!(oom_killed_in(root.path(), "c"), "v2 on a hybrid host");
+        assert!(
+            !oom_killed_in(root.path(), "d"),
+            "hitting max without a kill is no OOM kill"
+        );
+        assert!(!oom_killed_in(root.path(), "missing"));
     }
 }
