@@ -163,7 +163,19 @@ impl Runtime {
             }),
             None => 15,
         };
-        match self.prepare(&name, &id, &dir, &req, (&img, &lowers), &secrets) {
+        // Mounting or copying the rootfs and writing the bundle is file work:
+        // off the async workers (a userns copy can take a second).
+        let prepared = {
+            let rt = self.clone();
+            let (name, id, dir, req, img, lowers) =
+                (name.clone(), id.clone(), dir.clone(), req.clone(), img.clone(), lowers.clone());
+            tokio::task::spawn_blocking(move || {
+                rt.prepare(&name, &id, &dir, &req, (&img, &lowers), &secrets)
+            })
+            .await
+            .unwrap_or_else(|e| Err(RuntimeError::Bundle(format!("rootfs task failed: {e}"))))
+        };
+        match prepared {
             Ok(kind) => {
                 let info = ContainerInfo {
                     name: name.clone(),
