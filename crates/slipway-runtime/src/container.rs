@@ -167,8 +167,14 @@ impl Runtime {
         // off the async workers (a userns copy can take a second).
         let prepared = {
             let rt = self.clone();
-            let (name, id, dir, req, img, lowers) =
-                (name.clone(), id.clone(), dir.clone(), req.clone(), img.clone(), lowers.clone());
+            let (name, id, dir, req, img, lowers) = (
+                name.clone(),
+                id.clone(),
+                dir.clone(),
+                req.clone(),
+                img.clone(),
+                lowers.clone(),
+            );
             tokio::task::spawn_blocking(move || {
                 rt.prepare(&name, &id, &dir, &req, (&img, &lowers), &secrets)
             })

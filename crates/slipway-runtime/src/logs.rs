@@ -16,24 +16,32 @@ impl Runtime {
             .map_err(io("open container log"))
     }
 
-    pub(crate) fn rotate_log(&self, dir: &Path) {
+    /// Rotates the log once it passes `log_max_bytes`. The size check is one
+    /// stat; the copy runs on the blocking pool.
+    pub(crate) async fn rotate_log(&self, dir: &Path) {
         let log = dir.join("container.log");
         if fs::metadata(&log).map(|m| m.len()).unwrap_or(0) <= self.cfg.log_max_bytes {
             return;
         }
-        for i in (1..self.cfg.log_files).rev() {
-            let _ = fs::rename(
-                dir.join(format!("container.log.{i}")),
-                dir.join(format!("container.log.{}", i + 1)),
-            );
-        }
-        // Copy then truncate: the container holds the file open with O_APPEND, so
-        // it keeps writing at the (new) end.
-        if fs::copy(&log, dir.join("container.log.1")).is_ok() {
-            let _ = OpenOptions::new()
-                .write(true)
-                .open(&log)
-                .and_then(|f| f.set_len(0));
-        }
+        let (dir, files) = (dir.to_owned(), self.cfg.log_files);
+        let _ = tokio::task::spawn_blocking(move || rotate_now(&dir, files)).await;
+    }
+}
+
+fn rotate_now(dir: &Path, files: usize) {
+    let log = dir.join("container.log");
+    for i in (1..files).rev() {
+        let _ = fs::rename(
+            dir.join(format!("container.log.{i}")),
+            dir.join(format!("container.log.{}", i + 1)),
+        );
+    }
+    // Copy then truncate: the container holds the file open with O_APPEND, so
+    // it keeps writing at the (new) end.
+    if fs::copy(&log, dir.join("container.log.1")).is_ok() {
+        let _ = OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .and_then(|f| f.set_len(0));
     }
 }

@@ -118,7 +118,7 @@ impl Runtime {
                                     watch = None;
                                 }
                             } else if polls.is_multiple_of(10) {
-                                self.rotate_log(&dir);
+                                self.rotate_log(&dir).await;
                             }
                         }
                     }
@@ -189,7 +189,7 @@ impl Runtime {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while proc.exists() {
             tick.tick().await;
-            self.rotate_log(dir);
+            self.rotate_log(dir).await;
         }
     }
 }
