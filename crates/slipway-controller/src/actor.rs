@@ -401,20 +401,68 @@ enum Work {
     Command(Envelope),
     Trigger,
     Heal,
+    Readmit,
     Poll,
 }
 
+/// How often healing runs when the instances cannot report exits.
 const HEAL_EVERY: Duration = Duration::from_secs(1);
+/// How often healing runs when they can and nothing else asks for it sooner: a
+/// resync, in case an event was missed.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// Resolves when `rx` changes; never when there is none or its sender is gone.
+async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
 
 impl Actor {
+    /// When healing should next run: every second without exit events;
+    /// otherwise at the liveness probe's interval, every second while
+    /// autoscaling (its samples), and at the resync interval at most.
+    fn heal_period(&self, events: bool) -> Duration {
+        if !events {
+            return HEAL_EVERY;
+        }
+        self.engine.read(|r| {
+            let Some(spec) = r.active_revision().map(|a| &a.spec) else {
+                return RESYNC_EVERY;
+            };
+            let mut every = RESYNC_EVERY;
+            if let Some(p) = &spec.health.liveness {
+                every = every.min(p.interval.0.max(Duration::from_millis(100)));
+            }
+            if spec.autoscale.is_some() {
+                every = every.min(HEAL_EVERY);
+            }
+            every
+        })
+    }
+
     async fn run(mut self, recover: bool) {
         if recover {
             busy(&mut self.inbox, false, self.engine.recover()).await;
         }
-        let mut heal = tokio::time::interval(HEAL_EVERY);
-        heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Exits and ejections wake the actor; with neither, nothing wakes it more
+        // than once per resync (or per liveness interval, when it has one).
+        let mut exits = self.engine.deps().instances.exits();
+        let events = exits.is_some();
+        let mut ejections = None;
+        let mut next_heal = Instant::now() + self.heal_period(events);
+        let mut next_readmit: Option<Instant> = None;
         let mut last_poll = Instant::now();
         loop {
+            if ejections.is_none() {
+                ejections = self.engine.deps().traffic.ejections();
+            }
             let poll_every = self.poll_interval();
             let work = if let Some(env) = self.inbox.pending.pop_front() {
                 Work::Command(env)
@@ -429,7 +477,10 @@ impl Actor {
                     },
                     () = self.triggers.offered() => Work::Trigger,
                     () = tokio::time::sleep_until(next_poll), if poll_every.is_some() => Work::Poll,
-                    _ = heal.tick() => Work::Heal,
+                    () = changed(&mut exits) => Work::Heal,
+                    () = changed(&mut ejections) => Work::Readmit,
+                    () = tokio::time::sleep_until(next_readmit.unwrap_or(next_heal)), if next_readmit.is_some() => Work::Readmit,
+                    () = tokio::time::sleep_until(next_heal) => Work::Heal,
                 }
             };
             match work {
@@ -437,13 +488,25 @@ impl Actor {
                     if self.command(env).await {
                         return;
                     }
+                    // The new spec may ask for healing sooner (a liveness probe).
+                    next_heal = next_heal.min(Instant::now() + self.heal_period(events));
                 }
                 Work::Trigger => self.trigger().await,
                 Work::Poll => {
                     last_poll = Instant::now();
                     self.poll().await;
                 }
+                Work::Readmit => {
+                    if self.engine.fenced() {
+                        next_readmit = None;
+                        continue;
+                    }
+                    next_readmit = busy(&mut self.inbox, false, self.engine.readmit_once())
+                        .await
+                        .map(|wait| Instant::now() + wait);
+                }
                 Work::Heal => {
+                    next_heal = Instant::now() + self.heal_period(events);
                     if self.engine.fenced() {
                         continue;
                     }

@@ -160,6 +160,12 @@ pub trait Instances: Send + Sync {
     async fn state(&self, instance: &Instance) -> InstanceState;
     /// Every instance of `service` that exists, known to the record or not.
     async fn list(&self, service: &str) -> Result<Vec<Instance>, InstanceError>;
+    /// Changes whenever an instance's process may have exited, so that healing
+    /// runs on the event rather than on a short timer; `None` when the
+    /// implementation cannot tell (healing then polls).
+    fn exits(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Running health checks.
@@ -195,6 +201,18 @@ pub trait Traffic: Send + Sync {
     fn stats(&self, revision: u64) -> TrafficStats;
     /// Forgets the counters of revisions not in `keep`.
     fn retain_stats(&self, keep: &[u64]);
+    /// Changes whenever the ingress takes an instance out of routing because it
+    /// failed requests (passive health); `None` before it listens.
+    fn ejections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// Instances (by address) the ingress took out of routing after failures;
+    /// each returns with [`Traffic::readmit`] once its readiness probe passes.
+    fn ejected(&self) -> Vec<SocketAddr> {
+        Vec::new()
+    }
+    /// Puts an instance taken out of routing back in.
+    fn readmit(&self, _addr: SocketAddr) {}
     /// Stops listening (the service is removed).
     fn close(&self);
 }

@@ -170,7 +170,22 @@ pub struct Ingress {
     /// Balancing within a revision.
     #[serde(default)]
     pub balance: BalanceKind,
+    /// Methods the proxy may send again to another instance when the one it sent
+    /// the request to failed before answering (reset, closed). Only idempotent
+    /// methods may be listed; default GET, HEAD and OPTIONS. Add PUT and DELETE
+    /// only when the service makes them idempotent.
+    #[serde(default = "default_retry_methods")]
+    pub retry_methods: Vec<String>,
 }
+
+/// The methods retried by default: the safe ones (RFC 9110 §9.2.1).
+pub fn default_retry_methods() -> Vec<String> {
+    ["GET", "HEAD", "OPTIONS"].map(String::from).to_vec()
+}
+
+/// Methods that may be listed in `ingress.retry_methods`: the idempotent ones
+/// (RFC 9110 §9.2.2) a proxy can replay.
+pub const RETRYABLE_METHODS: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
 
 /// How the proxy picks among a revision's instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -435,6 +450,17 @@ impl ServiceSpec {
         }
         if self.image.trim().is_empty() {
             return Err(invalid("image", "must name an image, e.g. hello:1.0.0"));
+        }
+        for m in &self.ingress.retry_methods {
+            if !RETRYABLE_METHODS.contains(&m.as_str()) {
+                return Err(invalid(
+                    "ingress.retry_methods",
+                    format!(
+                        "{m:?} cannot be retried: list only idempotent methods ({}), in capitals; a replayed {m} could take effect twice",
+                        RETRYABLE_METHODS.join(", ")
+                    ),
+                ));
+            }
         }
         if self.replicas == 0 || self.replicas > 100 {
             return Err(invalid(

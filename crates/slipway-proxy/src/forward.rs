@@ -62,6 +62,60 @@ pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     h.remove("proxy-connection");
 }
 
+/// Bodies up to this size are kept so that the request can be sent again.
+const REPLAY_MAX: u64 = 64 << 10;
+
+/// A request's head and body, kept to send it again to another backend.
+pub(crate) struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    /// The body to send first and, when the request can be replayed (no body, or
+    /// one of known length up to [`REPLAY_MAX`], read here), what replays it.
+    async fn keep(
+        parts: &http::request::Parts,
+        body: Incoming,
+    ) -> Result<(Body, Option<Self>), hyper::Error> {
+        use hyper::body::Body as _;
+        let bytes = if body.is_end_stream() {
+            Bytes::new()
+        } else if body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX) {
+            body.collect().await?.to_bytes()
+        } else {
+            return Ok((body.boxed(), None));
+        };
+        let replay = Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: bytes,
+        };
+        Ok((replay.body(), Some(replay)))
+    }
+
+    fn body(&self) -> Body {
+        Full::new(self.body.clone())
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    /// The request again.
+    fn request(&self) -> Request<Body> {
+        let mut r = Request::new(self.body());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
 pub(crate) fn text(status: StatusCode, msg: &str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{msg}\n")))
@@ -124,7 +178,24 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // The client's hop keeps its own version whatever the backend speaks.
         let client_version = parts.version;
-        let mut req = Request::from_parts(parts, body.boxed());
+        // What it takes to send the request again after a backend failed it: its
+        // head and, when small, its body.
+        let (body, replay) = if self.retries(&parts.method) {
+            match Replay::keep(&parts, body).await {
+                Ok(v) => v,
+                Err(e) => {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("reading the request body: {e}"),
+                    ));
+                }
+            }
+        } else {
+            (body.boxed(), None)
+        };
+        let mut req = Request::from_parts(parts, body);
+        let second = start.duration_since(self.started).as_secs();
+        self.budget.request(second);
         let mut tried = Vec::new();
         loop {
             backend.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -151,16 +222,36 @@ impl Proxy {
                     drop(guard);
                     tried.push(backend.addr);
                     tracing::debug!(backend = %backend.addr, "proxy request failed: {}", failure.message);
-                    // A request that was never sent can go to another backend, whatever
-                    // its method: nothing of it reached the failed one.
-                    if let Some(unsent) = failure.unsent
-                        && tried.len() < 3
-                        && let Some((r, b)) = self.pick(pinned, &tried)
-                    {
-                        revision = r;
-                        backend = b;
-                        req = unsent;
-                        continue;
+                    if failure.fresh && backend.eject() {
+                        tracing::info!(backend = %backend.addr, "backend failed a new connection; out of routing until its readiness probe passes: {}", failure.message);
+                        self.ejections.send_modify(|n| *n += 1);
+                    }
+                    let next = if tried.len() < 3 {
+                        self.pick(pinned, &tried)
+                    } else {
+                        None
+                    };
+                    if let Some((r, b)) = next {
+                        // A request that was never sent can go to another backend,
+                        // whatever its method: nothing of it reached the failed one.
+                        // One that was sent goes again only if it may (idempotent,
+                        // body kept) and the budget allows.
+                        let again = match failure.unsent {
+                            Some(unsent) => Some(unsent),
+                            None => match &replay {
+                                Some(replay) if self.budget.try_retry(second) => {
+                                    self.stats(revision).record_retried(start.elapsed());
+                                    Some(replay.request())
+                                }
+                                _ => None,
+                            },
+                        };
+                        if let Some(again) = again {
+                            revision = r;
+                            backend = b;
+                            req = again;
+                            continue;
+                        }
                     }
                     self.stats(revision).record(true, start.elapsed());
                     return Ok(text(StatusCode::BAD_GATEWAY, "backend failed"));
@@ -187,6 +278,7 @@ impl Proxy {
                         return Err(Failure {
                             unsent: None,
                             message: e.into_error().to_string(),
+                            fresh: false,
                         });
                     }
                 },
@@ -198,6 +290,7 @@ impl Proxy {
                 return Err(Failure {
                     unsent: Some(req),
                     message,
+                    fresh: true,
                 });
             }
         };
@@ -206,6 +299,7 @@ impl Proxy {
             Err(mut e) => Err(Failure {
                 unsent: e.take_message(),
                 message: e.into_error().to_string(),
+                fresh: true,
             }),
         }
     }

@@ -1,4 +1,5 @@
-//! The data plane: one reverse proxy per service ingress.
+//! The data plane: one reverse proxy per service ingress, all served by one
+//! [`Pool`] of threads.
 //!
 //! The controller publishes whole [`RouteTable`] snapshots; the proxy swaps them
 //! atomically and never blocks a request on the controller. Within a table,
@@ -7,12 +8,21 @@
 //!
 //! Code map: `routes.rs` (backends, tables, picking), `forward.rs` (one request),
 //! `upstream.rs` (pooled backend connections and the body that returns them),
-//! `serve.rs` (threads and the connection hand-off), `metrics.rs`.
+//! `serve.rs` (the shared pool, accept loops and the connection hand-off),
+//! `budget.rs` (the retry budget), `metrics.rs`.
 //!
 //! - A backend removed from the table (or marked draining) gets no new requests;
 //!   its in-flight count tells the controller when it is idle.
 //! - A request that never reached a backend (connect failure, stale pooled
 //!   connection) is sent to another one, whatever its method.
+//! - A request that reached a backend which then failed before answering (reset,
+//!   closed) is sent to another one when its method is in the ingress's retry
+//!   methods (GET, HEAD, OPTIONS by default) and its body was small enough to
+//!   keep (64 KiB), within the retry budget (20% of the last 10 s's requests,
+//!   plus 10). The failed attempt counts as an error and a retry of its revision.
+//! - A backend whose fresh connection fails leaves routing at once (passive
+//!   health) until [`Backend::readmit`]; when every backend has failed, they are
+//!   used anyway rather than refusing every request.
 //! - Hop-by-hop headers stay on their hop, and the client's HTTP version is kept.
 //! - With no backend at all, requests wait (up to the hold timeout) for one.
 //! - Upgrades (WebSocket) and streamed bodies (SSE) pass through; an open one keeps
@@ -23,6 +33,7 @@
 //! **Architecture invariant:** this crate knows routes and backends, not
 //! deployments.
 
+mod budget;
 mod forward;
 mod metrics;
 mod routes;
@@ -31,6 +42,7 @@ mod upstream;
 
 pub use metrics::{BUCKETS_MS, RevisionStats, Stats};
 pub use routes::{Backend, Balance, RevisionRoute, RouteTable};
+pub use serve::Pool;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -68,6 +80,30 @@ pub struct Proxy {
     /// Request ids are `<boot>-<counter>`: unique per process run, no syscall.
     pub(crate) boot: u64,
     pub(crate) ids: AtomicU64,
+    /// Set by [`Proxy::close`]: accept loops end and connections shut down.
+    pub(crate) closed: watch::Sender<bool>,
+    /// Connections open on this proxy.
+    pub(crate) open: Arc<AtomicUsize>,
+    /// Methods sent again after a backend failed them (bit per method, see
+    /// [`method_bit`]); changed in place.
+    pub(crate) retry_methods: std::sync::atomic::AtomicU8,
+    pub(crate) budget: budget::RetryBudget,
+    /// The origin of the budget's seconds.
+    pub(crate) started: tokio::time::Instant,
+    /// Bumped whenever a backend is ejected.
+    pub(crate) ejections: watch::Sender<u64>,
+}
+
+/// The bit of a retryable method in [`Proxy::set_retry_methods`]'s mask.
+pub(crate) fn method_bit(m: &http::Method) -> u8 {
+    match *m {
+        http::Method::GET => 1,
+        http::Method::HEAD => 2,
+        http::Method::OPTIONS => 4,
+        http::Method::PUT => 8,
+        http::Method::DELETE => 16,
+        _ => 0,
+    }
 }
 
 /// Header that pins a request to a revision (previews, A/B tests).
@@ -98,7 +134,47 @@ impl Proxy {
                     u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
                 }),
             ids: AtomicU64::new(0),
+            closed: watch::channel(false).0,
+            open: Arc::default(),
+            retry_methods: std::sync::atomic::AtomicU8::new(1 | 2 | 4),
+            budget: budget::RetryBudget::default(),
+            started: tokio::time::Instant::now(),
+            ejections: watch::channel(0).0,
         })
+    }
+
+    /// Sets the methods sent again to another backend after one failed them
+    /// before answering. Names other than GET, HEAD, OPTIONS, PUT and DELETE
+    /// are ignored: other methods are not idempotent.
+    pub fn set_retry_methods<S: AsRef<str>>(&self, methods: &[S]) {
+        let mask = methods
+            .iter()
+            .filter_map(|m| http::Method::from_bytes(m.as_ref().as_bytes()).ok())
+            .fold(0, |acc, m| acc | method_bit(&m));
+        self.retry_methods.store(mask, Ordering::Relaxed);
+    }
+
+    pub(crate) fn retries(&self, m: &http::Method) -> bool {
+        let bit = method_bit(m);
+        bit != 0 && self.retry_methods.load(Ordering::Relaxed) & bit != 0
+    }
+
+    /// Bumped whenever a request failure takes a backend out of routing; see
+    /// [`Proxy::ejected`].
+    pub fn ejections(&self) -> watch::Receiver<u64> {
+        self.ejections.subscribe()
+    }
+
+    /// Backends of the current table that failed and wait to be readmitted.
+    pub fn ejected(&self) -> Vec<Arc<Backend>> {
+        let table = self.routes();
+        let mut out: Vec<Arc<Backend>> = Vec::new();
+        for b in table.revisions.iter().flat_map(|r| &r.backends) {
+            if b.is_ejected() && !out.iter().any(|o| Arc::ptr_eq(o, b)) {
+                out.push(b.clone());
+            }
+        }
+        out
     }
 
     /// Changes the hold timeout and the balancing of the running proxy; open

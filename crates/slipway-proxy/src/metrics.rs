@@ -26,6 +26,7 @@ pub const BUCKETS_MS: [u64; 14] = [
 pub struct RevisionStats {
     requests: AtomicU64,
     errors: AtomicU64,
+    retries: AtomicU64,
     buckets: [AtomicU64; BUCKETS_MS.len()],
 }
 
@@ -34,8 +35,12 @@ pub struct RevisionStats {
 pub struct Stats {
     /// Requests answered (or failed).
     pub requests: u64,
-    /// 5xx answers and failures.
+    /// 5xx answers and failures, including attempts that failed and were retried
+    /// elsewhere (the client never saw them, but the revision failed them).
     pub errors: u64,
+    /// Requests sent again to another backend after one of this revision's
+    /// backends failed them.
+    pub retries: u64,
     /// Count per latency bucket.
     pub buckets: [u64; BUCKETS_MS.len()],
 }
@@ -55,6 +60,13 @@ impl RevisionStats {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records an attempt that failed and was sent again elsewhere: a request and
+    /// an error of this revision, and a retry.
+    pub fn record_retried(&self, latency: Duration) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        self.record(true, latency);
+    }
+
     /// A copy of the counters.
     pub fn snapshot(&self) -> Stats {
         let mut buckets = [0; BUCKETS_MS.len()];
@@ -64,6 +76,7 @@ impl RevisionStats {
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
             buckets,
         }
     }
@@ -79,6 +92,7 @@ impl Stats {
         Stats {
             requests: self.requests.saturating_sub(earlier.requests),
             errors: self.errors.saturating_sub(earlier.errors),
+            retries: self.retries.saturating_sub(earlier.retries),
             buckets,
         }
     }
@@ -131,5 +145,8 @@ mod tests {
         s.record(false, Duration::from_millis(900));
         let d = s.snapshot().since(&snap);
         assert_eq!((d.requests, d.errors, d.p99_ms()), (2, 0, 1000));
+        s.record_retried(Duration::from_millis(1));
+        let d = s.snapshot().since(&snap);
+        assert_eq!((d.requests, d.errors, d.retries), (3, 1, 1));
     }
 }

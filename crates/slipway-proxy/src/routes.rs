@@ -12,6 +12,10 @@ pub struct Backend {
     pub(crate) authority: http::uri::Authority,
     pub(crate) in_flight: AtomicU64,
     pub(crate) draining: AtomicBool,
+    /// Set when a request to it failed at the connection level (refused, reset,
+    /// closed before answering): it gets no requests until readmitted (after its
+    /// readiness probe passes), unless no other backend is left.
+    pub(crate) ejected: AtomicBool,
     /// Idle connections, each with its last response fully read, tagged with the
     /// proxy thread whose I/O driver owns the socket.
     pub(crate) idle: std::sync::Mutex<Vec<(std::thread::ThreadId, Upstream)>>,
@@ -29,6 +33,7 @@ impl Backend {
             authority,
             in_flight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            ejected: AtomicBool::new(false),
             idle: std::sync::Mutex::default(),
         })
     }
@@ -67,6 +72,29 @@ impl Backend {
     /// Whether it is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether a failed connection took it out of routing.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    /// Takes it out of routing after a connection-level failure; `true` if it was
+    /// in. Its idle connections are dropped: they lead to the same failure.
+    pub(crate) fn eject(&self) -> bool {
+        let first = !self.ejected.swap(true, Ordering::AcqRel);
+        if first {
+            self.idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|(t, _)| *t != this_thread());
+        }
+        first
+    }
+
+    /// Puts an ejected backend back into routing (its readiness probe passed).
+    pub fn readmit(&self) {
+        self.ejected.store(false, Ordering::Release);
     }
 }
 
@@ -120,17 +148,29 @@ impl Proxy {
     }
 
     /// Picks a backend, skipping `avoid`; `None` when nothing is available.
+    /// Ejected backends are skipped while any other is left (when all are
+    /// ejected, routing to them beats refusing every request: Envoy's panic
+    /// mode).
     pub(crate) fn pick(
         &self,
         pinned: Option<u64>,
         avoid: &[SocketAddr],
     ) -> Option<(u64, Arc<Backend>)> {
+        self.pick_among(pinned, avoid, false)
+            .or_else(|| self.pick_among(pinned, avoid, true))
+    }
+
+    fn pick_among(
+        &self,
+        pinned: Option<u64>,
+        avoid: &[SocketAddr],
+        ejected_too: bool,
+    ) -> Option<(u64, Arc<Backend>)> {
         let table = self.routes();
-        let usable = |r: &RevisionRoute| {
-            r.backends
-                .iter()
-                .any(|b| !b.is_draining() && !avoid.contains(&b.addr))
+        let ok = |b: &Backend| {
+            !b.is_draining() && (ejected_too || !b.is_ejected()) && !avoid.contains(&b.addr)
         };
+        let usable = |r: &RevisionRoute| r.backends.iter().any(|b| ok(b));
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let rev = match pinned.and_then(|p| {
             table
@@ -165,7 +205,7 @@ impl Proxy {
             }
         };
         // No allocation on this path: count, then walk to the chosen one.
-        let usable_backend = |b: &&Arc<Backend>| !b.is_draining() && !avoid.contains(&b.addr);
+        let usable_backend = |b: &&Arc<Backend>| ok(b);
         let b = match self.settings().1 {
             Balance::RoundRobin => {
                 let count = rev.backends.iter().filter(usable_backend).count();

@@ -9,6 +9,9 @@ use crate::forward::InFlight;
 pub(crate) struct Failure {
     pub(crate) unsent: Option<Request<Body>>,
     pub(crate) message: String,
+    /// It failed on a new connection (connecting, or the first request on it):
+    /// the backend itself is failing, not a pooled connection it had closed.
+    pub(crate) fresh: bool,
 }
 
 /// One HTTP/1 connection to a backend. It has no task of its own: whoever uses it

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slipway_proxy::{Backend, Balance, Proxy, RevisionRoute, RouteTable};
+use slipway_proxy::{Backend, Balance, Pool, Proxy, RevisionRoute, RouteTable};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -57,11 +57,18 @@ async fn backend(name: &'static str) -> SocketAddr {
 }
 
 async fn start(hold: Duration) -> (Arc<Proxy>, SocketAddr, tokio::sync::watch::Sender<bool>) {
+    start_on(&Pool::new(2).expect("pool"), hold).await
+}
+
+async fn start_on(
+    pool: &Arc<Pool>,
+    hold: Duration,
+) -> (Arc<Proxy>, SocketAddr, tokio::sync::watch::Sender<bool>) {
     let proxy = Proxy::new(hold, Balance::RoundRobin);
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(proxy.clone().serve(l, rx));
+    tokio::spawn(proxy.clone().serve(pool.clone(), l, rx));
     (proxy, addr, tx)
 }
 
@@ -365,9 +372,9 @@ async fn request_bodies_and_streamed_responses_pass_through_on_reused_backend_co
 }
 
 #[tokio::test]
-async fn a_stopped_proxy_releases_its_port_and_finishes_open_requests() {
+async fn a_closed_proxy_releases_its_port_and_finishes_open_requests() {
     let a = Backend::new(backend("a").await);
-    let (proxy, addr, stop) = start(Duration::from_secs(1)).await;
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
     proxy.set_routes(table(&[(1, 100, std::slice::from_ref(&a))]));
     let slow = tokio::spawn(get(addr, "/slow", ""));
     // The slow request is in flight once the backend counts it.
@@ -378,7 +385,7 @@ async fn a_stopped_proxy_releases_its_port_and_finishes_open_requests() {
     })
     .await
     .expect("request reached the backend");
-    stop.send(true).expect("stop");
+    proxy.close();
     let (code, body) = slow.await.expect("join");
     assert_eq!((code, body.starts_with('a')), (200, true));
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -450,4 +457,300 @@ async fn a_backend_that_closes_its_connection_does_not_close_the_clients() {
         s.read_exact(&mut body).await.expect("body");
         assert_eq!(&body, b"ok");
     }
+}
+
+/// A hyper backend answering 200 with the request's method, counting requests.
+async fn counting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let count = count.clone();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let count = count.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let method = req.method().to_string();
+                        let _ = req.into_body().collect().await?;
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(method),
+                        )))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// Sends `method path` with `body` on a new connection; the status (0 when the
+/// connection ended without one).
+async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+}
+
+/// A backend that accepts, reads the whole request head and closes without
+/// answering (a process dying mid-request); it counts the requests it took.
+async fn aborting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if h == "\r\n" {
+                        break;
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Dropping the stream closes it with nothing written.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_get_that_a_backend_drops_is_answered_by_another_and_counted_as_a_retry() {
+    let (bad, bad_seen) = aborting_backend().await;
+    let (good, good_seen) = counting_backend().await;
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    let dropping = Backend::new(bad);
+    proxy.set_routes(table(&[(1, 100, &[dropping.clone(), Backend::new(good)])]));
+    for _ in 0..6 {
+        let (code, _) = get(addr, "/", "").await;
+        assert_eq!(code, 200, "every GET is answered");
+    }
+    assert_eq!(
+        bad_seen.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the dropping backend left routing after its first failure"
+    );
+    assert!(dropping.is_ejected());
+    assert_eq!(
+        proxy.ejected().iter().map(|b| b.addr).collect::<Vec<_>>(),
+        vec![bad]
+    );
+    assert_eq!(good_seen.load(std::sync::atomic::Ordering::SeqCst), 6);
+    let stats = proxy.stats(1).snapshot();
+    assert_eq!(
+        (stats.requests, stats.errors, stats.retries),
+        (7, 1, 1),
+        "the failed attempt the client never saw counts as an error and a retry"
+    );
+    // Readmitted, it gets requests again.
+    dropping.readmit();
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/", "").await.0, 200);
+    }
+    assert_eq!(bad_seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_post_that_a_backend_drops_is_not_sent_again_and_fails_cleanly() {
+    let (bad, bad_seen) = aborting_backend().await;
+    let (good, good_seen) = counting_backend().await;
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    let dropping = Backend::new(bad);
+    proxy.set_routes(table(&[(1, 100, &[dropping.clone(), Backend::new(good)])]));
+    let mut failed = 0;
+    for _ in 0..10 {
+        dropping.readmit();
+        let before = good_seen.load(std::sync::atomic::Ordering::SeqCst);
+        let dropped = bad_seen.load(std::sync::atomic::Ordering::SeqCst);
+        let (code, _) = request(addr, "POST", "/echo", "pay once").await;
+        if bad_seen.load(std::sync::atomic::Ordering::SeqCst) > dropped {
+            assert_eq!(code, 502, "a POST the backend dropped fails");
+            assert_eq!(
+                good_seen.load(std::sync::atomic::Ordering::SeqCst),
+                before,
+                "and is not sent again"
+            );
+            failed += 1;
+        } else {
+            assert_eq!(code, 200);
+        }
+    }
+    assert!(failed > 0, "some POSTs reached the dropping backend");
+    // A PUT is retried once the ingress says PUT is idempotent.
+    proxy.set_retry_methods(&["GET", "PUT"]);
+    for _ in 0..4 {
+        dropping.readmit();
+        assert_eq!(request(addr, "PUT", "/echo", "same twice").await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn when_every_backend_fails_the_budget_caps_the_retries() {
+    let mut backends = Vec::new();
+    let mut counters = Vec::new();
+    for _ in 0..3 {
+        let (a, seen) = aborting_backend().await;
+        backends.push(Backend::new(a));
+        counters.push(seen);
+    }
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+    proxy.set_routes(table(&[(1, 100, &backends)]));
+    let requests = 200;
+    for _ in 0..requests {
+        assert_eq!(get(addr, "/", "").await.0, 502);
+    }
+    let attempts: usize = counters
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        .sum();
+    // 10 + 20% of 200 retries at most, though each request could try 3 backends.
+    assert!(
+        attempts <= requests + 10 + requests / 5,
+        "{attempts} attempts for {requests} requests"
+    );
+    assert!(attempts > requests, "some were retried: {attempts}");
+    let stats = proxy.stats(1).snapshot();
+    assert_eq!(stats.retries as usize, attempts - requests);
+}
+
+/// A backend streaming `tick` lines every 20 ms until the client goes away.
+async fn ticking_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let s = r.get_mut();
+                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n").await.is_err() {
+                    return;
+                }
+                loop {
+                    if s.write_all(b"5\r\ntick\n\r\n").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads `n` tick lines of a stream.
+async fn ticks(s: &mut BufReader<TcpStream>, n: usize) {
+    let mut seen = 0;
+    while seen < n {
+        let mut line = String::new();
+        assert!(
+            s.read_line(&mut line).await.expect("read") > 0,
+            "the stream ended"
+        );
+        if line == "tick\n" {
+            seen += 1;
+        }
+    }
+}
+
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn two_hundred_ingresses_share_one_pool_and_changing_one_leaves_anothers_stream_open() {
+    let before = threads_named("slipway-proxy");
+    let pool = Pool::new(2).expect("pool");
+    let hello = Backend::new(backend("hello").await);
+    let mut ingresses = Vec::new();
+    for _ in 0..200 {
+        let (proxy, addr, stop) = start_on(&pool, Duration::from_secs(1)).await;
+        proxy.set_routes(table(&[(1, 100, std::slice::from_ref(&hello))]));
+        ingresses.push((proxy, addr, stop));
+    }
+    for (_, addr, _) in &ingresses {
+        assert_eq!(get(*addr, "/", "").await.0, 200);
+    }
+    assert_eq!(
+        threads_named("slipway-proxy") - before,
+        2,
+        "200 ingresses are served by the pool's two threads"
+    );
+
+    // An open stream through ingress 0.
+    let streaming = Backend::new(ticking_backend().await);
+    let (a, a_addr, _) = &ingresses[0];
+    a.set_routes(table(&[(1, 100, std::slice::from_ref(&streaming))]));
+    let mut s = BufReader::new(TcpStream::connect(a_addr).await.expect("connect"));
+    s.get_mut()
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::timeout(Duration::from_secs(5), ticks(&mut s, 3))
+        .await
+        .expect("the stream flows");
+
+    // Ingress 1 is reconfigured, re-routed, moved and closed; ingress 0's own
+    // settings change too.
+    let (b, b_addr, b_stop) = &ingresses[1];
+    b.configure(Duration::from_millis(10), Balance::LeastRequests);
+    b.set_retry_methods(&["GET"]);
+    b.set_routes(RouteTable::default());
+    b_stop.send_replace(true);
+    b.close();
+    a.configure(Duration::from_secs(2), Balance::LeastRequests);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while TcpStream::connect(b_addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("ingress 1 stopped listening");
+    tokio::time::timeout(Duration::from_secs(5), ticks(&mut s, 10))
+        .await
+        .expect("ingress 0's stream kept flowing");
+    assert_eq!(a.open_connections(), 1);
+    assert_eq!(get(ingresses[2].1, "/", "").await.0, 200);
 }

@@ -76,6 +76,8 @@ pub struct Runtime {
     pub(crate) containers: Mutex<BTreeMap<String, Arc<Ctr>>>,
     pub(crate) unpack_lock: tokio::sync::Mutex<()>,
     pub(crate) warmer: MigrationWarmer,
+    /// Bumped whenever a container's process exits.
+    pub(crate) exits: watch::Sender<u64>,
 }
 
 /// Removes what a daemon killed mid-unpack or mid-download left: temporary snapshot
@@ -171,6 +173,7 @@ impl Runtime {
             containers: Mutex::default(),
             unpack_lock: tokio::sync::Mutex::new(()),
             warmer: MigrationWarmer::detect(Path::new("/sys/fs/cgroup")),
+            exits: watch::channel(0).0,
         }))
     }
 
@@ -194,6 +197,11 @@ impl Runtime {
             .get(name)
             .cloned()
             .ok_or_else(|| RuntimeError::NotFound(name.to_owned()))
+    }
+
+    /// Changes whenever a container's process exits (watchers then inspect).
+    pub fn exits(&self) -> watch::Receiver<u64> {
+        self.exits.subscribe()
     }
 
     /// One container's state.

@@ -149,6 +149,7 @@ impl Runtime {
                     .or_else(|| oom.then(|| "killed by the OOM killer: raise --memory".to_owned()));
             });
             tracing::info!(container = %name, ?code, oom, "container exited");
+            self.exits.send_modify(|n| *n += 1);
             if stopping {
                 break;
             }

@@ -15,7 +15,7 @@ use slipway_controller::{
 };
 use slipway_core::ErrorKind;
 use slipway_core::service::{BalanceKind, Ingress, Probe};
-use slipway_proxy::{Backend, Balance, Proxy, RevisionRoute, RouteTable};
+use slipway_proxy::{Backend, Balance, Pool, Proxy, RevisionRoute, RouteTable};
 use slipway_runtime::{RunRequest, Runtime, RuntimeError, Status};
 use slipway_store::Store;
 use tokio::sync::watch;
@@ -231,6 +231,10 @@ impl Instances for RuntimeInstances {
         }
     }
 
+    fn exits(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.runtime.exits())
+    }
+
     async fn list(&self, service: &str) -> Result<Vec<Instance>, InstanceError> {
         Ok(self
             .runtime
@@ -316,10 +320,19 @@ impl Prober for Probes {
 
 /// The proxy as a service's ingress. It binds on the first admitted revision and
 /// keeps backend identity across tables, so in-flight counts survive republishing.
-#[derive(Default)]
+/// Every ingress is served by the one pool of serving threads.
 pub(crate) struct ProxyTraffic {
-    proxy: Mutex<Option<(Arc<Proxy>, watch::Sender<bool>)>>,
+    pool: Arc<Pool>,
+    proxy: Mutex<Option<Bound>>,
     backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+}
+
+/// A listening ingress: its proxy, the address it accepts on, and what stops
+/// that accept loop.
+struct Bound {
+    proxy: Arc<Proxy>,
+    listen: SocketAddr,
+    stop: watch::Sender<bool>,
 }
 
 fn balance(b: BalanceKind) -> Balance {
@@ -330,6 +343,15 @@ fn balance(b: BalanceKind) -> Balance {
 }
 
 impl ProxyTraffic {
+    /// An ingress not listening yet, served by `pool`.
+    pub(crate) fn new(pool: Arc<Pool>) -> Self {
+        Self {
+            pool,
+            proxy: Mutex::default(),
+            backends: Mutex::default(),
+        }
+    }
+
     /// Closes the ingress of a service whose actor ended without removing it
     /// (a refused first deploy, which may have bound nothing at all).
     pub(crate) fn close_if_unused(&self) {
@@ -338,24 +360,60 @@ impl ProxyTraffic {
 
     /// The proxy, once bound.
     pub(crate) fn proxy(&self) -> Option<Arc<Proxy>> {
-        lock(&self.proxy).as_ref().map(|(p, _)| p.clone())
+        lock(&self.proxy).as_ref().map(|b| b.proxy.clone())
+    }
+
+    fn accept(&self, proxy: &Arc<Proxy>, listener: tokio::net::TcpListener) -> watch::Sender<bool> {
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(proxy.clone().serve(self.pool.clone(), listener, stop_rx));
+        stop
     }
 }
 
 #[async_trait]
 impl Traffic for ProxyTraffic {
     async fn configure(&self, ingress: &Ingress) -> Result<(), String> {
-        if let Some(p) = self.proxy() {
-            p.configure(ingress.hold_timeout.0, balance(ingress.balance));
-            return Ok(());
-        }
-        let listener = tokio::net::TcpListener::bind(ingress.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", ingress.listen))?;
-        let proxy = Proxy::new(ingress.hold_timeout.0, balance(ingress.balance));
-        let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(proxy.clone().serve(listener, stop_rx));
-        *lock(&self.proxy) = Some((proxy, stop));
+        let bind = |addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        };
+        let current = lock(&self.proxy)
+            .as_ref()
+            .map(|b| (b.proxy.clone(), b.listen));
+        let proxy = match current {
+            Some((proxy, listen)) => {
+                if listen != ingress.listen {
+                    // Listen on the new address first: if it cannot be had, the
+                    // old one keeps serving. Then stop accepting on the old one;
+                    // its open connections carry on until they end.
+                    let listener = bind(ingress.listen).await?;
+                    let stop = self.accept(&proxy, listener);
+                    let old = lock(&self.proxy).replace(Bound {
+                        proxy: proxy.clone(),
+                        listen: ingress.listen,
+                        stop,
+                    });
+                    if let Some(old) = old {
+                        old.stop.send_replace(true);
+                    }
+                }
+                proxy
+            }
+            None => {
+                let listener = bind(ingress.listen).await?;
+                let proxy = Proxy::new(ingress.hold_timeout.0, balance(ingress.balance));
+                let stop = self.accept(&proxy, listener);
+                *lock(&self.proxy) = Some(Bound {
+                    proxy: proxy.clone(),
+                    listen: ingress.listen,
+                    stop,
+                });
+                proxy
+            }
+        };
+        proxy.configure(ingress.hold_timeout.0, balance(ingress.balance));
+        proxy.set_retry_methods(&ingress.retry_methods);
         Ok(())
     }
 
@@ -415,9 +473,26 @@ impl Traffic for ProxyTraffic {
         }
     }
 
+    fn ejections(&self) -> Option<watch::Receiver<u64>> {
+        self.proxy().map(|p| p.ejections())
+    }
+
+    fn ejected(&self) -> Vec<SocketAddr> {
+        self.proxy()
+            .map(|p| p.ejected().iter().map(|b| b.addr).collect())
+            .unwrap_or_default()
+    }
+
+    fn readmit(&self, addr: SocketAddr) {
+        if let Some(b) = lock(&self.backends).get(&addr) {
+            b.readmit();
+        }
+    }
+
     fn close(&self) {
-        if let Some((_, stop)) = lock(&self.proxy).take() {
-            stop.send_replace(true);
+        if let Some(b) = lock(&self.proxy).take() {
+            b.stop.send_replace(true);
+            b.proxy.close();
         }
     }
 }

@@ -105,6 +105,8 @@ pub(crate) struct Services {
     events: broadcast::Sender<Event>,
     pub(crate) hub: Arc<Hub>,
     secrets: Arc<dyn SecretValues>,
+    /// The serving threads every ingress shares.
+    pool: Arc<slipway_proxy::Pool>,
 }
 
 impl Services {
@@ -131,7 +133,10 @@ impl Services {
             secrets: secrets.clone(),
         });
         instances.adopt_ports();
+        let pool = slipway_proxy::Pool::for_this_machine()
+            .map_err(|e| anyhow::anyhow!("cannot start the proxy's serving threads: {e}"))?;
         Ok(Arc::new(Self {
+            pool,
             map: Mutex::default(),
             probes: Arc::new(Probes {
                 runtime: runtime.clone(),
@@ -219,7 +224,7 @@ impl Services {
 
     /// A new actor for `record`, not yet known to the map.
     fn spawn_entry(&self, record: ServiceRecord, version: Option<u64>, recover: bool) -> Entry {
-        let traffic = Arc::new(ProxyTraffic::default());
+        let traffic = Arc::new(ProxyTraffic::new(self.pool.clone()));
         let svc = slipway_controller::spawn(record, version, self.deps(traffic.clone()), recover);
         Entry { svc, traffic }
     }

@@ -175,6 +175,59 @@ impl Engine {
         true
     }
 
+    /// Probes the instances the ingress took out of routing after they failed
+    /// requests, and puts back each whose readiness probe passes. Returns how
+    /// long to wait before the next pass, or `None` when none is left out.
+    pub(crate) async fn readmit_once(&mut self) -> Option<Duration> {
+        let ejected = self.deps.traffic.ejected();
+        if ejected.is_empty() {
+            return None;
+        }
+        let (insts, specs) = self.read(|s| {
+            let insts: Vec<Instance> = s
+                .instances
+                .iter()
+                .filter(|i| ejected.contains(&i.addr))
+                .cloned()
+                .collect();
+            let specs: Vec<_> = insts
+                .iter()
+                .map(|i| {
+                    s.revision(i.revision)
+                        .map(|r| r.spec.health.readiness.clone())
+                })
+                .collect();
+            (insts, specs)
+        });
+        let default = super::default_readiness();
+        let mut next: Option<Duration> = None;
+        let mut left = false;
+        for (inst, readiness) in insts.iter().zip(specs) {
+            let probe = readiness.flatten().unwrap_or_else(|| default.clone());
+            let ok = tokio::time::timeout(probe.timeout.0, self.deps.prober.check(inst, &probe))
+                .await
+                .unwrap_or(false);
+            if ok {
+                self.deps.traffic.readmit(inst.addr);
+                self.event(
+                    Some(inst.revision),
+                    format!(
+                        "instance {} passed its readiness probe after failing requests; back in routing",
+                        inst.id
+                    ),
+                );
+            } else {
+                left = true;
+                // At least 100 ms apart, whatever the probe's interval.
+                let wait = probe.interval.0.max(Duration::from_millis(100));
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+            }
+        }
+        // Addresses the record does not know (already retired) stay as they are:
+        // nothing routes to them once the next table is published.
+        if left { next } else { None }
+    }
+
     /// One autoscaling decision: from the active revision's requests/s since the last
     /// call, the instance count that puts each near `target_rps`, within min..max,
     /// at most once per cooldown. Returns the new count when it scaled.

@@ -40,7 +40,7 @@ impl Engine {
         spec: ServiceSpec,
         image: String,
     ) -> Result<Begun, CommandError> {
-        let (active_spec, unchanged, number) = self.read(|r| {
+        let (unchanged, number) = self.read(|r| {
             let newest = r.revisions.last();
             // The same spec and image as the live revision: nothing to roll out (as
             // `kubectl apply` of an unchanged manifest). After a rollback the newest
@@ -48,25 +48,10 @@ impl Engine {
             let unchanged = newest
                 .filter(|x| r.active == Some(x.number) && x.spec == spec && x.image == image)
                 .map(|x| x.number);
-            (
-                r.active_revision().map(|x| x.spec.clone()),
-                unchanged,
-                r.next_number(),
-            )
+            (unchanged, r.next_number())
         });
         if let Some(n) = unchanged {
             return Ok(Begun::Unchanged(n));
-        }
-        if let Some(old) = &active_spec
-            && old.ingress.listen != spec.ingress.listen
-        {
-            return Err(CommandError::Invalid {
-                field: "ingress.listen".into(),
-                message: format!(
-                    "the service listens on {}; remove it to change the address",
-                    old.ingress.listen
-                ),
-            });
         }
         let name = spec.name.clone();
         let admitted = self

@@ -31,6 +31,12 @@ struct FakeInstances {
     unknown: Mutex<Vec<String>>,
     /// How long a stop takes (a process that ignores its stop signal).
     stop_takes: Mutex<Duration>,
+    /// Instances failing every probe for now.
+    unready: Mutex<Vec<String>>,
+    /// Exit events, when the test asks for them (else healing polls).
+    exit_events: Option<tokio::sync::watch::Sender<u64>>,
+    /// Calls of `state`: what healing costs.
+    state_calls: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -65,6 +71,7 @@ impl Instances for FakeInstances {
     }
 
     async fn state(&self, instance: &Instance) -> InstanceState {
+        self.state_calls.fetch_add(1, Ordering::Relaxed);
         if self.unknown.lock().expect("lock").contains(&instance.id) {
             return InstanceState::Unknown;
         }
@@ -82,6 +89,12 @@ impl Instances for FakeInstances {
         } else {
             InstanceState::Running
         }
+    }
+
+    fn exits(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.exit_events
+            .as_ref()
+            .map(tokio::sync::watch::Sender::subscribe)
     }
 
     async fn list(&self, _service: &str) -> Result<Vec<Instance>, InstanceError> {
@@ -102,6 +115,9 @@ struct FakeProber(Arc<FakeInstances>);
 #[async_trait]
 impl Prober for FakeProber {
     async fn check(&self, instance: &Instance, _probe: &Probe) -> bool {
+        if self.0.unready.lock().expect("lock").contains(&instance.id) {
+            return false;
+        }
         !self
             .0
             .images
@@ -120,6 +136,8 @@ struct FakeTraffic {
     published: Mutex<Vec<Table>>,
     errors: Mutex<HashMap<u64, TrafficStats>>,
     configured: Mutex<Vec<Ingress>>,
+    ejected: Mutex<Vec<SocketAddr>>,
+    ejections: tokio::sync::watch::Sender<u64>,
 }
 
 #[async_trait]
@@ -152,6 +170,18 @@ impl Traffic for FakeTraffic {
     }
 
     fn retain_stats(&self, _keep: &[u64]) {}
+
+    fn ejections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.ejections.subscribe())
+    }
+
+    fn ejected(&self) -> Vec<SocketAddr> {
+        self.ejected.lock().expect("lock").clone()
+    }
+
+    fn readmit(&self, addr: SocketAddr) {
+        self.ejected.lock().expect("lock").retain(|a| *a != addr);
+    }
 
     fn close(&self) {}
 }
@@ -865,4 +895,63 @@ async fn recovery_stops_what_the_record_does_not_route_and_restores_the_replicas
         inst.stopped.lock().expect("lock").contains(&orphan.id),
         "the orphan was stopped"
     );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn with_exit_events_an_idle_service_does_not_poll_and_an_exit_is_healed_at_once() {
+    let inst = Arc::new(FakeInstances {
+        exit_events: Some(tokio::sync::watch::channel(0).0),
+        ..FakeInstances::default()
+    });
+    let h = harness_with(inst.clone(), Arc::new(MemoryStore::default()));
+    assert_eq!(h.deploy(spec("")).await, Outcome::Done);
+    let before = inst.state_calls.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        inst.state_calls.load(Ordering::Relaxed),
+        before,
+        "nothing looked at the instances while nothing happened"
+    );
+    let victim = h.served()[0].clone();
+    inst.dead.lock().expect("lock").push(victim.clone());
+    let t0 = tokio::time::Instant::now();
+    inst.exit_events
+        .as_ref()
+        .expect("events")
+        .send_modify(|n| *n += 1);
+    until("the dead instance was replaced", || {
+        let s = h.served();
+        s.len() == 3 && !s.contains(&victim)
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "healed on the event, not on a timer: {:?}",
+        t0.elapsed()
+    );
+    // Without an event, the resync still finds an exit within 30 s.
+    let victim = h.served()[0].clone();
+    inst.dead.lock().expect("lock").push(victim.clone());
+    until("the resync replaced it", || !h.served().contains(&victim)).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_instance_that_failed_requests_is_readmitted_once_its_readiness_probe_passes() {
+    let h = harness();
+    assert_eq!(h.deploy(spec("")).await, Outcome::Done);
+    let victim = h.record().instances.first().cloned().expect("an instance");
+    h.inst.unready.lock().expect("lock").push(victim.id.clone());
+    h.traffic.ejected.lock().expect("lock").push(victim.addr);
+    h.traffic.ejections.send_modify(|n| *n += 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        h.traffic.ejected(),
+        [victim.addr],
+        "still out while its probe fails"
+    );
+    let mut rx = h.events.subscribe();
+    h.inst.unready.lock().expect("lock").clear();
+    until("readmitted", || h.traffic.ejected().is_empty()).await;
+    let e = rx.recv().await.expect("event");
+    assert!(e.message.contains("back in routing"), "{}", e.message);
 }
