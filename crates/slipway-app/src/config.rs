@@ -156,6 +156,9 @@ pub struct RuntimeSection {
     pub log_max_bytes: u64,
     /// Rotated log files kept per container. Default 3.
     pub log_files: usize,
+    /// How often running containers' logs are checked against
+    /// `log_max_bytes` (one check for all of them). Default 10s.
+    pub log_check_interval: Dur,
 }
 
 impl Default for RuntimeSection {
@@ -165,6 +168,7 @@ impl Default for RuntimeSection {
             stop_grace: Dur(Duration::from_secs(10)),
             log_max_bytes: 10 << 20,
             log_files: 3,
+            log_check_interval: Dur(Duration::from_secs(10)),
         }
     }
 }
@@ -409,6 +413,12 @@ impl Settings {
                     "{:?} must name a runtime such as runc or crun",
                     file.runtime.binary
                 ),
+            ));
+        }
+        if file.runtime.log_check_interval.0 < Duration::from_millis(100) {
+            return Err(invalid(
+                "runtime.log_check_interval",
+                "must be at least 100ms".into(),
             ));
         }
         if file.runtime.log_max_bytes < 4096 {

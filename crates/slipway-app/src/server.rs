@@ -62,6 +62,7 @@ pub async fn serve(
     rt_cfg.stop_grace = settings.runtime.stop_grace.0;
     rt_cfg.log_max_bytes = settings.runtime.log_max_bytes;
     rt_cfg.log_files = settings.runtime.log_files;
+    rt_cfg.log_check_interval = settings.runtime.log_check_interval.0;
     rt_cfg.local_hosts = vec![
         addr.to_string(),
         format!("localhost:{port}"),

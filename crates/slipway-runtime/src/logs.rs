@@ -28,6 +28,43 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Starts the one task that rotates every running container's log, once:
+    /// every `log_check_interval` (10 s by default, as kubelet's
+    /// `containerLogMonitorInterval`), for all containers together.
+    pub(crate) fn start_log_rotation(self: &std::sync::Arc<Self>) {
+        if self
+            .rotating
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let runtime = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let every = runtime
+                .upgrade()
+                .map_or(std::time::Duration::from_secs(10), |r| {
+                    r.cfg.log_check_interval
+                });
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(rt) = runtime.upgrade() else { return };
+                let running: Vec<_> = lock(&rt.containers)
+                    .iter()
+                    .filter(|(_, c)| *c.status.borrow() == Status::Running)
+                    .map(|(name, _)| rt.dir(name))
+                    .collect();
+                for dir in running {
+                    rt.rotate_log(&dir).await;
+                }
+            }
+        });
+    }
+}
+
 fn rotate_now(dir: &Path, files: usize) {
     let log = dir.join("container.log");
     for i in (1..files).rev() {

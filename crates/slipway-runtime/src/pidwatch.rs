@@ -1,4 +1,5 @@
-//! Noticing the moment runc writes a container's pid file.
+//! Noticing the moment runc writes a container's pid file, and the moment an
+//! adopted container's process exits.
 //!
 //! runc writes the pid file (via a temporary file and a rename) once the
 //! container's process runs; that moment is when `run` returns. Polling the file
@@ -77,6 +78,68 @@ impl DirWatch {
     }
 }
 
+/// The exit of a process that is not our child (a container re-adopted after a
+/// daemon restart), through a pidfd: it refers to one process for good, so a
+/// reused pid cannot fool it, unlike polling `/proc/<pid>`.
+pub(crate) struct ProcessWatch {
+    fd: AsyncFd<std::os::fd::OwnedFd>,
+}
+
+/// Whether `/proc/<pid>/cgroup` places the process in container `id`'s cgroup
+/// (`…/slipway/<id>` on any hierarchy).
+fn in_container_cgroup(pid: u32, id: &str) -> bool {
+    let suffix = format!("/slipway/{id}");
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|s| s.lines().any(|l| l.ends_with(&suffix)))
+}
+
+impl ProcessWatch {
+    /// Watches `pid` if it is (still) a process of container `id`; `None` when
+    /// it is gone or is another process that took the pid.
+    pub(crate) fn open(pid: u32, id: &str) -> Option<Self> {
+        let watch = Self::of_pid(pid)?;
+        // The pidfd pins one process. If the cgroup check that follows read
+        // another process that took the pid in between, ours has exited, and
+        // that process is not in our container's cgroup: the check fails.
+        in_container_cgroup(pid, id).then_some(watch)
+    }
+
+    /// Watches whichever process has `pid` now.
+    #[expect(
+        unsafe_code,
+        reason = "AsyncFd::register is unsafe: the caller vouches for the fd's lifetime"
+    )]
+    fn of_pid(pid: u32) -> Option<Self> {
+        let raw = i32::try_from(pid).ok()?;
+        let fd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(raw)?,
+            rustix::process::PidfdFlags::empty(),
+        )
+        .ok()?;
+        // SAFETY: the `OwnedFd` owns the pidfd, so the descriptor stays open and
+        // the same for as long as the `AsyncFd` holds it; it is closed only when
+        // the `AsyncFd` is dropped, after deregistration.
+        let fd = unsafe { AsyncFd::register(fd) }.ok()?;
+        Some(Self { fd })
+    }
+
+    /// Whether this kernel has no pidfds.
+    pub(crate) fn unsupported() -> bool {
+        matches!(
+            rustix::process::pidfd_open(
+                rustix::process::getpid(),
+                rustix::process::PidfdFlags::empty()
+            ),
+            Err(rustix::io::Errno::NOSYS)
+        )
+    }
+
+    /// Resolves once the process has exited (a pidfd turns readable).
+    pub(crate) async fn exited(&self) {
+        let _ = self.fd.readable().await;
+    }
+}
+
 impl Drop for DirWatch {
     fn drop(&mut self) {
         if let Some(fd) = self.fd.take()
@@ -90,6 +153,27 @@ impl Drop for DirWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_process_watch_ends_with_its_process_whoever_takes_the_pid_next() {
+        // This test's process is in no container's cgroup: refused.
+        assert!(ProcessWatch::open(std::process::id(), "nope").is_none());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        assert!(ProcessWatch::open(pid, "not-its-container").is_none());
+        let watch = ProcessWatch::of_pid(pid).expect("pidfd");
+        let alive = tokio::time::timeout(Duration::from_millis(200), watch.exited()).await;
+        assert!(alive.is_err(), "no exit while the process runs");
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        // Whatever process gets the pid now, the pidfd names the one that ended.
+        tokio::time::timeout(Duration::from_secs(20), watch.exited())
+            .await
+            .expect("the watch ended with its process");
+    }
 
     #[tokio::test]
     async fn a_rename_into_the_directory_wakes_the_watch() {

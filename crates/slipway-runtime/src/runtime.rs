@@ -28,6 +28,8 @@ pub struct RuntimeConfig {
     pub log_max_bytes: u64,
     /// Rotated log files kept.
     pub log_files: usize,
+    /// How often running containers' logs are checked for rotation.
+    pub log_check_interval: Duration,
     /// Default SIGTERM→SIGKILL grace for stop.
     pub stop_grace: Duration,
     /// RLIMIT_NOFILE for containers (never above the host's hard limit).
@@ -48,6 +50,7 @@ impl RuntimeConfig {
             binary: "runc".into(),
             log_max_bytes: 10 << 20,
             log_files: 3,
+            log_check_interval: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
             nofile: 1024,
             local_hosts: Vec::new(),
@@ -78,6 +81,8 @@ pub struct Runtime {
     pub(crate) warmer: MigrationWarmer,
     /// Bumped whenever a container's process exits.
     pub(crate) exits: watch::Sender<u64>,
+    /// Whether the log rotation task runs.
+    pub(crate) rotating: std::sync::atomic::AtomicBool,
 }
 
 /// Removes what a daemon killed mid-unpack or mid-download left: temporary snapshot
@@ -174,6 +179,7 @@ impl Runtime {
             unpack_lock: tokio::sync::Mutex::new(()),
             warmer: MigrationWarmer::detect(Path::new("/sys/fs/cgroup")),
             exits: watch::channel(0).0,
+            rotating: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 

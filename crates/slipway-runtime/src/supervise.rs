@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::pidwatch::DirWatch;
+use crate::pidwatch::{DirWatch, ProcessWatch};
 use crate::runc::Runc;
 use crate::spec::RestartPolicy;
 
@@ -44,6 +44,7 @@ impl Runtime {
             (i.name.clone(), i.id.clone())
         };
         let dir = self.dir(&name);
+        self.start_log_rotation();
         let mut stop = ctr.stop.subscribe();
         let mut adopt = adopt;
         let mut attempt: u32 = 0;
@@ -54,7 +55,7 @@ impl Runtime {
                     i.status = Status::Running;
                     i.pid = Some(pid);
                 });
-                self.wait_adopted(pid, &dir).await;
+                Self::wait_adopted(pid, &id).await;
                 (
                     None,
                     Some(
@@ -90,35 +91,23 @@ impl Runtime {
                     }
                 };
                 // "Running" once runc has written the container's pid (woken by the
-                // watch: start latency matters), then a slow tick for log rotation.
-                let mut pid_known = false;
-                let mut polls = 0u32;
+                // watch: start latency matters); then only the exit wakes this task.
                 let status = loop {
-                    let tick = Duration::from_millis(200);
-                    let next = async {
-                        match &mut watch {
-                            Some(w) => w.changed(tick).await,
-                            None => tokio::time::sleep(tick).await,
-                        }
+                    let Some(w) = watch.as_mut() else {
+                        break child.wait().await;
                     };
                     tokio::select! {
                         s = child.wait() => break s,
-                        () = next => {
-                            polls += 1;
-                            if !pid_known {
-                                if let Some(pid) = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
-                                    pid_known = true;
-                                    ctr.update(&dir, |i| {
-                                        i.status = Status::Running;
-                                        i.started_at_ms = Some(started);
-                                        i.pid = Some(pid);
-                                        i.backoff_ms = None;
-                                    });
-                                    tracing::debug!(container = %name, since_spawn = ?spawned.elapsed(), "runc started the process");
-                                    watch = None;
-                                }
-                            } else if polls.is_multiple_of(10) {
-                                self.rotate_log(&dir).await;
+                        () = w.changed(Duration::from_millis(200)) => {
+                            if let Some(pid) = fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+                                ctr.update(&dir, |i| {
+                                    i.status = Status::Running;
+                                    i.started_at_ms = Some(started);
+                                    i.pid = Some(pid);
+                                    i.backoff_ms = None;
+                                });
+                                tracing::debug!(container = %name, since_spawn = ?spawned.elapsed(), "runc started the process");
+                                watch = None;
                             }
                         }
                     }
@@ -185,12 +174,20 @@ impl Runtime {
         ctr.done.send_replace(true);
     }
 
-    pub(crate) async fn wait_adopted(&self, pid: u32, dir: &Path) {
+    /// Waits until an adopted container's process (not our child) exits,
+    /// through a pidfd, which a reused pid cannot fool. Where pidfds are missing
+    /// (Linux before 5.3) it polls `/proc/<pid>` once a second.
+    pub(crate) async fn wait_adopted(pid: u32, id: &str) {
+        if let Some(watch) = ProcessWatch::open(pid, id) {
+            watch.exited().await;
+            return;
+        }
+        if !ProcessWatch::unsupported() {
+            return; // already gone, or the pid is another process's now
+        }
         let proc = PathBuf::from(format!("/proc/{pid}"));
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
         while proc.exists() {
-            tick.tick().await;
-            self.rotate_log(dir).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }

@@ -598,7 +598,11 @@ fn zstd_layers_read_only_rootfs_and_named_volumes_work() {
 fn logs_rotate_past_their_size_limit() {
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, "[runtime]\nlog_max_bytes = 4096\nlog_files = 2\n").expect("write");
+    std::fs::write(
+        &cfg,
+        "[runtime]\nlog_max_bytes = 4096\nlog_files = 2\nlog_check_interval = \"200ms\"\n",
+    )
+    .expect("write");
     let s = TestServer::start_with(BIN, &["--config", cfg.to_str().expect("utf8")]);
     pack_busybox(&s, "tools:1", &[]);
     let (code, _, err) = cli(
