@@ -651,6 +651,26 @@ mod tests {
         assert!(e.to_string().starts_with("stop_signal: "), "{e}");
     }
 
+    #[test]
+    fn only_idempotent_methods_may_be_retried() {
+        let base = "name = \"web\"\nimage = \"hello:1\"\n[ingress]\nlisten = \"127.0.0.1:1\"\n";
+        let spec = ServiceSpec::from_toml(base).expect("defaults");
+        assert_eq!(spec.ingress.retry_methods, ["GET", "HEAD", "OPTIONS"]);
+        let spec = ServiceSpec::from_toml(&format!(
+            "{base}retry_methods = [\"GET\", \"PUT\", \"DELETE\"]\n"
+        ))
+        .expect("PUT and DELETE on request");
+        assert_eq!(spec.ingress.retry_methods, ["GET", "PUT", "DELETE"]);
+        for bad in ["POST", "PATCH", "get"] {
+            let e = ServiceSpec::from_toml(&format!("{base}retry_methods = [\"{bad}\"]\n"))
+                .expect_err("refused");
+            assert!(
+                e.to_string().starts_with("ingress.retry_methods: ") && e.to_string().contains(bad),
+                "{e}"
+            );
+        }
+    }
+
     const FULL: &str = r#"
 name = "web"
 image = "hello:1.0.0"

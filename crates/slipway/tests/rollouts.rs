@@ -776,6 +776,92 @@ fn ingress_changes_take_effect_without_dropping_open_connections() {
         one_request(&mut conn, port).expect("same connection").0,
         200
     );
+    // The ingress moves to another address: the new one serves, the old one
+    // takes no new connections, and the connection opened on it still serves.
+    let moved_to = free_port();
+    let moved = changed.replace(
+        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{moved_to}"),
+    );
+    let (code, out) = deploy(&s, &write_spec(dir.path(), &moved));
+    assert_eq!(code, 0, "{out}");
+    assert!(serving(moved_to).starts_with("hello 1"));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the old address no longer accepts"
+    );
+    assert_eq!(
+        one_request(&mut conn, port).expect("the old connection").0,
+        200
+    );
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+#[test]
+fn sigkill_of_a_replica_every_two_seconds_under_load_fails_no_request() {
+    let s = TestServer::start(BIN);
+    pack_hello(&s, "hello:1", "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let (code, out) = deploy(
+        &s,
+        &write_spec(
+            dir.path(),
+            &spec(port, "hello:1", "env = { HELLO_SLOW_MS = \"30\" }"),
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    let load = Load::start(port, 8);
+    poll(Duration::from_secs(5), || {
+        (load.ok.load(Ordering::Relaxed) > 50).then_some(())
+    })
+    .expect("load flows");
+    let mut killed = Vec::new();
+    for round in 0..4 {
+        // A running instance not killed before, and its process.
+        let (id, pid) = poll(Duration::from_secs(20), || {
+            let st = s.get("/api/v1/containers").json();
+            st.as_array()?.iter().find_map(|c| {
+                let id = c["name"].as_str()?.to_owned();
+                let pid = c["pid"].as_u64()?;
+                (c["status"] == "running" && !killed.contains(&id)).then_some((id, pid))
+            })
+        })
+        .expect("a running instance");
+        let before = load.ok.load(Ordering::Relaxed);
+        let k = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(k.success(), "round {round}: kill -9 {pid}");
+        killed.push(id);
+        // Two seconds of load before the next kill.
+        poll(Duration::from_secs(10), || {
+            (load.ok.load(Ordering::Relaxed) > before + 100).then_some(())
+        })
+        .expect("load continues");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let (ok, failed, _) = load.finish();
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    // Back to 3 ready instances, none of them a killed one.
+    poll(Duration::from_secs(30), || {
+        let st = s.get("/api/v1/services/web").json();
+        let insts = st["instances"].as_array()?.clone();
+        (insts.len() == 3
+            && insts
+                .iter()
+                .all(|i| !killed.iter().any(|k| i["id"] == k.as_str())))
+        .then_some(())
+    })
+    .expect("three fresh instances serve");
+    let metrics = String::from_utf8_lossy(&s.get("/metrics").body).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("slipway_proxy_retries_total{") && !l.ends_with(" 0")),
+        "the retries are counted:\n{metrics}"
+    );
     assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
 

@@ -425,8 +425,13 @@ impl Services {
             ),
             (
                 "slipway_proxy_errors_total",
-                "5xx answers and failed requests, by revision.",
+                "5xx answers and failed requests, by revision (attempts retried elsewhere included).",
                 |st| st.errors,
+            ),
+            (
+                "slipway_proxy_retries_total",
+                "Requests sent again to another instance after one of this revision failed them.",
+                |st| st.retries,
             ),
         ] {
             let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
