@@ -28,6 +28,13 @@ pub struct GcReport {
     pub manifests: Vec<(String, String)>,
     /// Sum of removed blob sizes.
     pub bytes_freed: u64,
+    /// Layer snapshots the runtime removed (no container and no recent
+    /// revision of a service uses them), as (layer digest, size on disk).
+    #[serde(default)]
+    pub snapshots: Vec<(String, u64)>,
+    /// Bytes the runtime freed.
+    #[serde(default)]
+    pub runtime_bytes_freed: u64,
 }
 
 /// `GET /api/v1/status`: the server itself.

@@ -159,6 +159,13 @@ pub struct RuntimeSection {
     /// How often running containers' logs are checked against
     /// `log_max_bytes` (one check for all of them). Default 10s.
     pub log_check_interval: Dur,
+    /// A layer snapshot no container uses is removed after this long. Default 1h.
+    pub snapshot_grace: Dur,
+    /// Past this percentage of the data disk in use, unused snapshots go at once,
+    /// oldest first… Default 85 (kubelet's image GC high threshold).
+    pub disk_high_percent: u8,
+    /// …until usage is under this one. Default 80.
+    pub disk_low_percent: u8,
 }
 
 impl Default for RuntimeSection {
@@ -169,6 +176,9 @@ impl Default for RuntimeSection {
             log_max_bytes: 10 << 20,
             log_files: 3,
             log_check_interval: Dur(Duration::from_secs(10)),
+            snapshot_grace: Dur(Duration::from_secs(3600)),
+            disk_high_percent: 85,
+            disk_low_percent: 80,
         }
     }
 }
@@ -412,6 +422,18 @@ impl Settings {
                 format!(
                     "{:?} must name a runtime such as runc or crun",
                     file.runtime.binary
+                ),
+            ));
+        }
+        let (high, low) = (
+            file.runtime.disk_high_percent,
+            file.runtime.disk_low_percent,
+        );
+        if !(1..=100).contains(&high) || low >= high {
+            return Err(invalid(
+                "runtime.disk_low_percent",
+                format!(
+                    "{low} must be below runtime.disk_high_percent ({high}), which must be 1-100"
                 ),
             ));
         }

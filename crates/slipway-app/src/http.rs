@@ -1,6 +1,7 @@
 //! The one listener's router: `/v2` (registry), `/api/v1` (admin), `/metrics`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, Request, State};
@@ -21,6 +22,7 @@ pub(crate) struct AppState {
     pub services: Arc<crate::services::Services>,
     pub metrics: Arc<AppMetrics>,
     pub gc: slipway_store::GcOptions,
+    pub snapshot_gc: slipway_runtime::SnapshotGcOptions,
     pub gate: Arc<crate::auth::Gate>,
 }
 
@@ -97,7 +99,19 @@ async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Resp
         dry_run: q.dry_run,
         ..state.gc.clone()
     };
-    match tasks::gc_once(state.registry.store(), &state.metrics, opts).await {
+    let registry = tasks::gc_once(state.registry.store(), &state.metrics, opts).await;
+    // Asked for, unused snapshots go now, whatever their grace.
+    let snapshot_opts = slipway_runtime::SnapshotGcOptions {
+        grace: Duration::ZERO,
+        dry_run: q.dry_run,
+        ..state.snapshot_gc.clone()
+    };
+    let snapshots =
+        match tasks::snapshot_gc_once(&state.runtime, &state.services, &snapshot_opts).await {
+            Ok(r) => r,
+            Err(e) => return crate::api_error::ApiError::from(e).into_response(),
+        };
+    match registry {
         Ok(report) => axum::Json(slipway_api::GcReport {
             dry_run: report.dry_run,
             blobs: report
@@ -111,6 +125,8 @@ async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Resp
                 .map(|(r, d)| (r, d.to_string()))
                 .collect(),
             bytes_freed: report.bytes_freed,
+            snapshots: snapshots.removed,
+            runtime_bytes_freed: snapshots.bytes_freed,
         })
         .into_response(),
         Err(e) => crate::api_error::ApiError::from(e).into_response(),

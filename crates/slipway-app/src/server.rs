@@ -140,6 +140,12 @@ pub async fn serve(
             delete_untagged: settings.gc.delete_untagged,
             grace: settings.gc.grace_period.0,
         },
+        snapshot_gc: slipway_runtime::SnapshotGcOptions {
+            grace: settings.runtime.snapshot_grace.0,
+            high_percent: settings.runtime.disk_high_percent,
+            low_percent: settings.runtime.disk_low_percent,
+            ..slipway_runtime::SnapshotGcOptions::default()
+        },
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -148,6 +154,12 @@ pub async fn serve(
         store.clone(),
         settings.registry.upload_purge_after.0,
         settings.registry.upload_purge_interval.0,
+        stop_rx.clone(),
+    ));
+    background.spawn(tasks::snapshot_gc_loop(
+        runtime.clone(),
+        services.clone(),
+        state.snapshot_gc.clone(),
         stop_rx.clone(),
     ));
     if let Some(every) = settings.gc.interval {

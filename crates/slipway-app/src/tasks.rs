@@ -43,6 +43,51 @@ pub(crate) async fn gc_once(
     Ok(report)
 }
 
+/// One collection of unused layer snapshots; `grace` overrides the configured
+/// one (`slipway gc` collects every unused snapshot at once).
+pub(crate) async fn snapshot_gc_once(
+    runtime: &slipway_runtime::Runtime,
+    services: &crate::services::Services,
+    opts: &slipway_runtime::SnapshotGcOptions,
+) -> Result<slipway_runtime::SnapshotGcReport, slipway_runtime::RuntimeError> {
+    let opts = slipway_runtime::SnapshotGcOptions {
+        keep_images: services.recent_images(),
+        ..opts.clone()
+    };
+    let report = runtime.collect_snapshots(&opts).await?;
+    if !report.removed.is_empty() {
+        tracing::info!(
+            snapshots = report.removed.len(),
+            bytes = report.bytes_freed,
+            pressure = report.pressure,
+            "removed unused layer snapshots"
+        );
+    }
+    Ok(report)
+}
+
+/// Collects unused layer snapshots every minute: those past their grace, and
+/// more while the data disk is past its high-water mark.
+pub(crate) async fn snapshot_gc_loop(
+    runtime: Arc<slipway_runtime::Runtime>,
+    services: Arc<crate::services::Services>,
+    opts: slipway_runtime::SnapshotGcOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = snapshot_gc_once(&runtime, &services, &opts).await {
+                    tracing::warn!("snapshot collection: {e}");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 pub(crate) async fn gc_loop(
     store: Arc<Store>,
     metrics: Arc<AppMetrics>,

@@ -141,6 +141,8 @@ impl Runtime {
         // the kick before runc's spawn then finds this one still waiting.
         self.warmer.kick();
         let img = self.resolve(&req.image).await?;
+        // A snapshot collection meanwhile keeps this image's layers.
+        let _creating = self.creating(&img.digest);
         let lowers = self.ensure_snapshots(&img).await?;
         tracing::debug!(container = %name, elapsed = ?t0.elapsed(), "image resolved and unpacked");
 

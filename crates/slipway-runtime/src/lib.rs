@@ -7,7 +7,9 @@
 //! after a daemon restart.
 //!
 //! On disk, under the runtime root:
-//! - `snapshots/sha256/<hex>/`: one unpacked layer, shared;
+//! - `snapshots/sha256/<hex>/`: one unpacked layer, shared; its mtime is its last
+//!   use, and unused ones are collected (`snapgc.rs`);
+//! - `images/sha256/<hex>`: the layer digests of an image run here;
 //! - `containers/<name>/`: `state.json`, `bundle/` (config.json, rootfs mount point),
 //!   `upper/`, `work/`, `container.log*`;
 //! - `volumes/<name>/`: named volumes, kept when containers go;
@@ -31,6 +33,7 @@ pub mod rootfs;
 pub mod runc;
 mod runtime;
 pub mod security;
+mod snapgc;
 mod snapshots;
 pub mod spec;
 mod supervise;
@@ -38,6 +41,7 @@ pub mod unpack;
 
 pub use container::Secrets;
 pub use runtime::{ContainerInfo, Runtime, RuntimeConfig, Status};
+pub use snapgc::{SnapshotGcOptions, SnapshotGcReport, disk_used_percent};
 pub use spec::{RestartPolicy, RunRequest};
 
 use slipway_core::ErrorKind;

@@ -83,6 +83,8 @@ pub struct Runtime {
     pub(crate) exits: watch::Sender<u64>,
     /// Whether the log rotation task runs.
     pub(crate) rotating: std::sync::atomic::AtomicBool,
+    /// Images (manifest digests) being started, with how many starts.
+    pub(crate) creating: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// Removes what a daemon killed mid-unpack or mid-download left: temporary snapshot
@@ -180,6 +182,7 @@ impl Runtime {
             warmer: MigrationWarmer::detect(Path::new("/sys/fs/cgroup")),
             exits: watch::channel(0).0,
             rotating: std::sync::atomic::AtomicBool::new(false),
+            creating: Mutex::default(),
         }))
     }
 
@@ -278,6 +281,8 @@ impl Runtime {
         fs::remove_dir_all(&dir).map_err(io("remove container directory"))?;
         let _ = fs::remove_dir_all(self.secrets_dir(&id));
         lock(&self.containers).remove(name);
+        // Its snapshots' grace period starts now.
+        self.touch_image(&lock(&ctr.info).image_digest);
         Ok(())
     }
 

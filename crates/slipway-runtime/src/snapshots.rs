@@ -89,9 +89,14 @@ impl Runtime {
                 }
                 fs::rename(&tmp, &dir).map_err(io("move snapshot into place"))?;
                 tracing::debug!(layer = %layer.digest, "unpacked layer");
+            } else {
+                crate::snapgc::touch(&dir);
             }
             dirs.push(dir);
         }
+        let layers: Vec<slipway_core::Digest> =
+            img.layers.iter().map(|l| l.digest.clone()).collect();
+        self.record_image(&img.digest, &layers);
         Ok(dirs)
     }
 }

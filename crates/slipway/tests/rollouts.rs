@@ -1243,3 +1243,77 @@ fn a_deploy_during_a_heal_waits_its_turn_and_succeeds() {
     assert!(serving(port).starts_with("hello 2"));
     assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
+
+#[test]
+fn gc_removes_the_snapshots_of_a_removed_service_and_keeps_those_of_recent_revisions() {
+    let s = TestServer::start(BIN);
+    let dir = tempfile::tempdir().expect("tmp");
+    // Three versions whose layers differ (a version file beside the binary).
+    let hello = format!("{}:/hello", hello_bin().display());
+    for v in 1..=3 {
+        let f = dir.path().join(format!("version-{v}"));
+        std::fs::write(&f, format!("{v}\n")).expect("write");
+        let file = format!("{}:/version", f.display());
+        let tag = format!("app:{v}");
+        let env = format!("HELLO_VERSION={v}");
+        let (code, _, err) = cli(
+            BIN,
+            &s,
+            &[
+                "image",
+                "pack",
+                "-q",
+                "--tag",
+                &tag,
+                "--entrypoint",
+                "/hello",
+                "--env",
+                &env,
+                &hello,
+                &file,
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    let port = free_port();
+    for v in 1..=3 {
+        let body = spec(port, &format!("app:{v}"), "").replace("replicas = 3", "replicas = 1");
+        let (code, out) = deploy(&s, &write_spec(dir.path(), &body));
+        assert_eq!(code, 0, "{out}");
+    }
+    let snapshots = s.data.join("runtime/snapshots/sha256");
+    let count = || std::fs::read_dir(&snapshots).expect("snapshots").count();
+    assert_eq!(count(), 3, "one snapshot per version");
+    // Revisions 1 and 2 may be rolled back to: their snapshots stay.
+    let (code, out, err) = cli(BIN, &s, &["gc"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("runtime: freed 0 bytes: 0 unused layer snapshots"),
+        "{out}"
+    );
+    assert_eq!(count(), 3);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+    let (code, out, err) = cli(BIN, &s, &["gc", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 unused layer snapshots"), "{out}");
+    assert_eq!(count(), 3, "a dry run removes nothing");
+    let (code, out, err) = cli(BIN, &s, &["gc", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        report["snapshots"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    assert!(
+        report["runtime_bytes_freed"].as_u64().unwrap_or(0) > 0,
+        "{report}"
+    );
+    assert_eq!(count(), 0, "every unpacked layer is gone");
+    // The images are still in the registry: deploying again unpacks anew.
+    let body = spec(port, "app:3", "").replace("replicas = 3", "replicas = 1");
+    let (code, out) = deploy(&s, &write_spec(dir.path(), &body));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(), 1);
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}

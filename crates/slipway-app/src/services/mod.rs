@@ -400,6 +400,36 @@ impl Services {
         }
     }
 
+    /// How many of a service's newest revisions keep their images' snapshots
+    /// (for rollback).
+    const RECENT_REVISIONS: usize = 5;
+
+    /// The images (manifest digests) of every service's recent revisions: their
+    /// snapshots stay, so a rollback starts without unpacking.
+    pub(crate) fn recent_images(&self) -> Vec<slipway_core::Digest> {
+        let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+        let mut out = Vec::new();
+        for e in entries {
+            let r = e.svc.record();
+            for rev in r
+                .revisions
+                .iter()
+                .rev()
+                .filter(|v| v.status != slipway_controller::RevisionStatus::Rejected)
+                .take(Self::RECENT_REVISIONS)
+            {
+                if let Some(d) = rev
+                    .image
+                    .rsplit_once('@')
+                    .and_then(|(_, d)| d.parse::<slipway_core::Digest>().ok())
+                {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
     /// Appends per-service, per-revision proxy metrics in Prometheus text form.
     pub(crate) fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;

@@ -25,11 +25,19 @@ pub async fn gc(client: &Client, dry_run: bool, format: Format) -> anyhow::Resul
     for (digest, size) in &report.blobs {
         println!("blob {digest} ({size} bytes)");
     }
+    for (digest, size) in &report.snapshots {
+        println!("snapshot {digest} ({size} bytes)");
+    }
     println!(
-        "{verb} {} bytes: {} blobs, {} untagged manifests",
+        "registry: {verb} {} bytes: {} blobs, {} untagged manifests",
         report.bytes_freed,
         report.blobs.len(),
         report.manifests.len()
+    );
+    println!(
+        "runtime: {verb} {} bytes: {} unused layer snapshots",
+        report.runtime_bytes_freed,
+        report.snapshots.len()
     );
     Ok(())
 }
