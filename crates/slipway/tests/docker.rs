@@ -13,12 +13,26 @@ const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 struct Dockerd {
     child: Child,
     dir: tempfile::TempDir,
+    /// Whether dockerd's `docker` cgroups existed before it started (else they
+    /// are removed after it).
+    cgroups_before: bool,
+}
+
+fn docker_cgroups() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("docker"))
+        .filter(|p| p.is_dir())
+        .collect()
 }
 
 impl Dockerd {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path();
+        let cgroups_before = !docker_cgroups().is_empty();
         let child = Command::new("dockerd")
             .arg("--host")
             .arg(format!("unix://{}", p.join("docker.sock").display()))
@@ -39,7 +53,11 @@ impl Dockerd {
             .stderr(Stdio::null())
             .spawn()
             .expect("dockerd from docker.io");
-        let d = Self { child, dir };
+        let d = Self {
+            child,
+            dir,
+            cgroups_before,
+        };
         poll(Duration::from_secs(60), || {
             d.docker(&["version"]).status.success().then_some(())
         })
@@ -83,6 +101,11 @@ impl Drop for Dockerd {
         {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if !self.cgroups_before {
+            for d in docker_cgroups() {
+                let _ = std::fs::remove_dir(d);
+            }
         }
     }
 }
