@@ -21,6 +21,8 @@ pub(crate) struct AppState {
     pub runtime: Arc<slipway_runtime::Runtime>,
     pub services: Arc<crate::services::Services>,
     pub metrics: Arc<AppMetrics>,
+    /// The one metrics registry `/metrics` renders.
+    pub prometheus: Arc<prometheus_client::registry::Registry>,
     pub gc: slipway_store::GcOptions,
     pub snapshot_gc: slipway_runtime::SnapshotGcOptions,
     pub gate: Arc<crate::auth::Gate>,
@@ -71,12 +73,8 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut text = state.metrics.render(
-        state.registry.metrics(),
-        state.registry.store().stored_bytes(),
-    );
-    state.services.render_metrics(&mut text);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let text = crate::metrics::render(&state.prometheus);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn status(State(state): State<AppState>) -> Response {

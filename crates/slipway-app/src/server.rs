@@ -129,12 +129,15 @@ pub async fn serve(
             .clone()
             .watch_registry(events.subscribe(), gate.clone()),
     );
+    let prometheus =
+        Arc::new(metrics.registry(registry.metrics(), store.clone(), services.clone()));
     let state = AppState {
         gate,
         services: services.clone(),
         runtime: runtime.clone(),
         registry,
         metrics: metrics.clone(),
+        prometheus,
         gc: GcOptions {
             dry_run: false,
             delete_untagged: settings.gc.delete_untagged,

@@ -2,7 +2,6 @@
 //! Every task takes a shutdown watch and returns when it fires.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,10 +27,8 @@ pub(crate) async fn gc_once(
         .await
         .map_err(|e| StoreError::Db(format!("gc task failed: {e}")))??;
     if !report.dry_run {
-        metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .gc_freed_bytes
-            .fetch_add(report.bytes_freed, Ordering::Relaxed);
+        metrics.gc_runs.inc();
+        metrics.gc_freed_bytes.inc_by(report.bytes_freed);
     }
     tracing::info!(
         dry_run = report.dry_run,
@@ -154,7 +151,7 @@ pub(crate) async fn webhook_loop(
                     dropped = n,
                     "webhook delivery fell behind; events were dropped"
                 );
-                metrics.webhook_failures.fetch_add(n, Ordering::Relaxed);
+                metrics.webhook_failures.inc_by(n);
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -192,7 +189,7 @@ async fn deliver(
         let outcome = tokio::time::timeout(hook.timeout.0, client.request(req)).await;
         match outcome {
             Ok(Ok(resp)) if resp.status().is_success() => {
-                metrics.webhook_deliveries.fetch_add(1, Ordering::Relaxed);
+                metrics.webhook_deliveries.inc();
                 return;
             }
             Ok(Ok(resp)) => {
@@ -210,6 +207,6 @@ async fn deliver(
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
-    metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
+    metrics.webhook_failures.inc();
     tracing::error!(url = %hook.url, "webhook event dropped after {} attempts", hook.max_attempts);
 }

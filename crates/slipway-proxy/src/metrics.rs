@@ -27,6 +27,7 @@ pub struct RevisionStats {
     requests: AtomicU64,
     errors: AtomicU64,
     retries: AtomicU64,
+    latency_us: AtomicU64,
     buckets: [AtomicU64; BUCKETS_MS.len()],
 }
 
@@ -41,6 +42,8 @@ pub struct Stats {
     /// Requests sent again to another backend after one of this revision's
     /// backends failed them.
     pub retries: u64,
+    /// Sum of latencies, µs.
+    pub latency_sum_us: u64,
     /// Count per latency bucket.
     pub buckets: [u64; BUCKETS_MS.len()],
 }
@@ -52,6 +55,10 @@ impl RevisionStats {
         if error {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+        self.latency_us.fetch_add(
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
         let i = BUCKETS_MS
             .iter()
@@ -77,6 +84,7 @@ impl RevisionStats {
             requests: self.requests.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            latency_sum_us: self.latency_us.load(Ordering::Relaxed),
             buckets,
         }
     }
@@ -93,6 +101,7 @@ impl Stats {
             requests: self.requests.saturating_sub(earlier.requests),
             errors: self.errors.saturating_sub(earlier.errors),
             retries: self.retries.saturating_sub(earlier.retries),
+            latency_sum_us: self.latency_sum_us.saturating_sub(earlier.latency_sum_us),
             buckets,
         }
     }

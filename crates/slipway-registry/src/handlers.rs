@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
@@ -292,9 +291,7 @@ async fn get_manifest(
     headers.insert(header::ETAG, hv(&format!("\"{}\"", meta.digest)));
     match bytes {
         Some(b) => {
-            reg.metrics
-                .bytes_out
-                .fetch_add(b.len() as u64, Ordering::Relaxed);
+            reg.metrics.bytes_out.inc_by(b.len() as u64);
             Ok((StatusCode::OK, headers, b).into_response())
         }
         None => Ok((StatusCode::OK, headers).into_response()),
@@ -336,9 +333,7 @@ async fn put_manifest(
                 )
             }
         })?;
-    reg.metrics
-        .bytes_in
-        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    reg.metrics.bytes_in.inc_by(body.len() as u64);
     let rr = repo.clone();
     let put = blocking(reg, move |s| {
         s.put_manifest(&rr, &r, &body, content_type.as_deref())
@@ -497,7 +492,7 @@ async fn get_blob(
             .await
             .map_err(|e| RegistryError::from(StoreError::io("seek blob", e)))?;
     }
-    reg.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
+    reg.metrics.bytes_out.inc_by(len);
     let stream = ReaderStream::with_capacity(file.take(len), 256 << 10);
     Ok((status, headers, Body::from_stream(stream)).into_response())
 }
@@ -566,7 +561,9 @@ async fn start_upload(
     }
     let (r, d) = (repo.clone(), digest.clone());
     blocking(reg, move |s| s.finish_upload(&r, writer, &d)).await?;
-    reg.metrics.upload_duration.observe(started.elapsed());
+    reg.metrics
+        .upload_duration
+        .observe(started.elapsed().as_secs_f64());
     Ok(blob_created(&repo, &digest))
 }
 
@@ -631,7 +628,9 @@ async fn patch_upload(
     let writer = write_chunk(reg, &repo, &id, req).await?;
     let offset = writer.offset();
     drop(writer);
-    reg.metrics.upload_duration.observe(started.elapsed());
+    reg.metrics
+        .upload_duration
+        .observe(started.elapsed().as_secs_f64());
     Ok(upload_accepted(StatusCode::ACCEPTED, &repo, &id, offset))
 }
 
@@ -652,7 +651,9 @@ async fn finish_upload(
     let writer = write_chunk(reg, &repo, &id, req).await?;
     let (r, d) = (repo.clone(), digest.clone());
     blocking(reg, move |s| s.finish_upload(&r, writer, &d)).await?;
-    reg.metrics.upload_duration.observe(started.elapsed());
+    reg.metrics
+        .upload_duration
+        .observe(started.elapsed().as_secs_f64());
     Ok(blob_created(&repo, &digest))
 }
 
@@ -706,9 +707,7 @@ async fn stream_body(
             .with_status(StatusCode::RANGE_NOT_SATISFIABLE));
             break;
         }
-        reg.metrics
-            .bytes_in
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        reg.metrics.bytes_in.inc_by(chunk.len() as u64);
         if tx.send(chunk).await.is_err() {
             break; // the writer failed; its error is returned below
         }

@@ -18,7 +18,7 @@ mod metrics;
 pub mod route;
 
 pub use error::{Code, RegistryError};
-pub use metrics::{Histogram, RegistryMetrics};
+pub use metrics::RegistryMetrics;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,65 +1,54 @@
-//! Counters the registry keeps; `slipway-app` renders them on `/metrics`.
+//! Counters the registry keeps, as prometheus-client metrics; `slipway-app`
+//! registers them in its one metrics registry.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
-/// Registry-level counters.
-#[derive(Debug, Default)]
-pub struct RegistryMetrics {
-    /// Blob and manifest bytes received.
-    pub bytes_in: AtomicU64,
-    /// Blob and manifest bytes sent.
-    pub bytes_out: AtomicU64,
-    /// Duration of blob upload requests (POST, PATCH, PUT with a body).
-    pub upload_duration: Histogram,
-}
-
-/// Upper bounds of the histogram buckets, in seconds.
+/// Upper bounds of the upload duration buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
 ];
 
-/// A fixed-bucket histogram of durations.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+/// Registry-level counters.
+#[derive(Debug)]
+pub struct RegistryMetrics {
+    /// Blob and manifest bytes received.
+    pub bytes_in: Counter,
+    /// Blob and manifest bytes sent.
+    pub bytes_out: Counter,
+    /// Duration of blob upload requests (POST, PATCH, PUT with a body), seconds.
+    pub upload_duration: Histogram,
 }
 
-// === impl Histogram ===
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
+impl Default for RegistryMetrics {
+    fn default() -> Self {
+        Self {
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            upload_duration: Histogram::new(BUCKETS),
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
     }
+}
 
-    /// Appends the Prometheus text form under `name`.
-    pub fn render(&self, name: &str, out: &mut String) {
-        use std::fmt::Write;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                self.counts[i].load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        #[expect(clippy::cast_precision_loss, reason = "metrics tolerate rounding")]
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {count}");
+impl RegistryMetrics {
+    /// Registers these metrics (under `registry_…`) in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "registry_bytes_received",
+            "Blob and manifest bytes received",
+            self.bytes_in.clone(),
+        );
+        registry.register(
+            "registry_bytes_sent",
+            "Blob and manifest bytes sent",
+            self.bytes_out.clone(),
+        );
+        registry.register_with_unit(
+            "registry_upload_request_duration",
+            "Duration of blob upload requests",
+            Unit::Seconds,
+            self.upload_duration.clone(),
+        );
     }
 }

@@ -477,6 +477,36 @@ fn metrics_report_requests_bytes_uploads_and_storage() {
         stored >= 14,
         "config + layer + manifest are counted: {stored}"
     );
+    // One registry in the OpenMetrics text format: every family has its HELP
+    // and TYPE, and the exposition ends with # EOF.
+    let ct = r
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for family in [
+        "slipway_http_requests",
+        "slipway_registry_upload_request_duration_seconds",
+        "slipway_registry_stored_bytes",
+        "slipway_gc_runs",
+        "slipway_proxy_requests",
+        "slipway_proxy_retries",
+        "slipway_proxy_request_duration_seconds",
+    ] {
+        assert!(typed.contains(&family), "no TYPE for {family} in\n{text}");
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "no HELP for {family}"
+        );
+    }
 }
 
 #[test]

@@ -430,15 +430,13 @@ impl Services {
         out
     }
 
-    /// Appends per-service, per-revision proxy metrics in Prometheus text form.
-    pub(crate) fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        // One snapshot per scrape, so the three families agree with each other.
+    /// Every ingress's per-revision counters, one snapshot, for `/metrics`.
+    pub(crate) fn proxy_stats(&self) -> Vec<(String, u64, slipway_proxy::Stats)> {
         let entries: Vec<(String, Entry)> = lock(&self.map)
             .iter()
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
-        let stats: Vec<(String, u64, slipway_proxy::Stats)> = entries
+        let mut stats: Vec<(String, u64, slipway_proxy::Stats)> = entries
             .iter()
             .filter_map(|(name, e)| e.traffic.proxy().map(|p| (name, p)))
             .flat_map(|(name, p)| {
@@ -447,53 +445,8 @@ impl Services {
                     .map(|(rev, st)| (name.clone(), rev, st))
             })
             .collect();
-        for (family, help, value) in [
-            (
-                "slipway_proxy_requests_total",
-                "Requests through a service's proxy, by revision.",
-                (|st| st.requests) as fn(&slipway_proxy::Stats) -> u64,
-            ),
-            (
-                "slipway_proxy_errors_total",
-                "5xx answers and failed requests, by revision (attempts retried elsewhere included).",
-                |st| st.errors,
-            ),
-            (
-                "slipway_proxy_retries_total",
-                "Requests sent again to another instance after one of this revision failed them.",
-                |st| st.retries,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
-            for (name, rev, st) in &stats {
-                let _ = writeln!(
-                    out,
-                    "{family}{{service=\"{name}\",revision=\"{rev}\"}} {}",
-                    value(st)
-                );
-            }
-        }
-        out.push_str("# HELP slipway_proxy_request_duration_seconds Latency through the proxy, by revision.\n# TYPE slipway_proxy_request_duration_seconds histogram\n");
-        for (name, rev, st) in &stats {
-            let mut cumulative = 0;
-            for (i, le) in slipway_proxy::BUCKETS_MS.iter().enumerate() {
-                cumulative += st.buckets[i];
-                let le = if *le == u64::MAX {
-                    "+Inf".to_owned()
-                } else {
-                    format!("{}", *le as f64 / 1000.0)
-                };
-                let _ = writeln!(
-                    out,
-                    "slipway_proxy_request_duration_seconds_bucket{{service=\"{name}\",revision=\"{rev}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "slipway_proxy_request_duration_seconds_count{{service=\"{name}\",revision=\"{rev}\"}} {}",
-                st.requests
-            );
-        }
+        stats.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        stats
     }
 
     /// Stops every ingress; instances keep running for the next daemon.
