@@ -225,10 +225,19 @@ pub async fn serve(
                 && tokio::task::spawn_blocking(move || crate::peer::from_container(local, peer))
                     .await
                     .unwrap_or(true);
+            // A plain connection can send blobs by sendfile (see
+            // slipway_registry::zerocopy); a TLS one must encrypt them.
+            let slot = tls
+                .is_none()
+                .then(slipway_registry::zerocopy::SendfileSlot::default);
+            let request_slot = slot.clone();
             let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
                 app,
                 move |mut r: http::Request<hyper::body::Incoming>| {
                     r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                    if let Some(slot) = &request_slot {
+                        r.extensions_mut().insert(slot.clone());
+                    }
                     if from_container {
                         r.extensions_mut().insert(crate::auth::FromContainer);
                     }
@@ -247,7 +256,11 @@ pub async fn serve(
                     }
                 },
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let io = slipway_registry::zerocopy::SendfileStream::new(
+                        stream,
+                        slot.unwrap_or_default(),
+                    );
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
                     watcher.watch(conn.into_owned()).await
                 }
             };

@@ -132,8 +132,18 @@ async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response> 
             delete_manifest(reg, repo, r, caller).await
         }
         (Route::Manifest(..), m) => Err(not_allowed(&m, "GET, HEAD, PUT, DELETE")),
-        (Route::Blob(repo, d), Method::GET) => get_blob(reg, repo, d, req.headers(), true).await,
-        (Route::Blob(repo, d), Method::HEAD) => get_blob(reg, repo, d, req.headers(), false).await,
+        (Route::Blob(repo, d), Method::GET) => {
+            // A plain HTTP/1 connection can take the bytes by sendfile.
+            let slot = (req.version() <= http::Version::HTTP_11)
+                .then(|| {
+                    req.extensions()
+                        .get::<crate::zerocopy::SendfileSlot>()
+                        .cloned()
+                })
+                .flatten();
+            get_blob(reg, repo, d, req.headers(), Some(slot)).await
+        }
+        (Route::Blob(repo, d), Method::HEAD) => get_blob(reg, repo, d, req.headers(), None).await,
         (Route::Blob(repo, d), Method::DELETE) => {
             blocking(reg, move |s| s.delete_blob(&repo, &d)).await?;
             Ok(StatusCode::ACCEPTED.into_response())
@@ -447,12 +457,17 @@ fn parse_range(h: Option<&HeaderValue>, size: u64) -> std::result::Result<Option
     Ok(Some((start, end)))
 }
 
+/// Bodies at least this large go by sendfile when the connection allows.
+const SENDFILE_MIN: u64 = 64 << 10;
+
+/// A blob's headers and, for a GET (`body` is `Some`), its bytes: by sendfile
+/// through the connection's slot when there is one, else streamed.
 async fn get_blob(
     reg: &Registry,
     repo: RepoName,
     digest: Digest,
     req_headers: &HeaderMap,
-    with_body: bool,
+    body: Option<Option<crate::zerocopy::SendfileSlot>>,
 ) -> Result<Response> {
     let d = digest.clone();
     let size = blocking(reg, move |s| s.stat_blob(&repo, &d)).await?;
@@ -483,10 +498,22 @@ async fn get_blob(
         None => (StatusCode::OK, 0, size),
     };
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if !with_body {
+    let Some(slot) = body else {
         return Ok((status, headers).into_response());
+    };
+    let mut file = reg.store.open_blob(&digest)?;
+    if let Some(slot) = slot.filter(|_| len >= SENDFILE_MIN) {
+        match slot.body(file, start, len) {
+            Ok(chunks) => {
+                reg.metrics.bytes_out.inc_by(len);
+                reg.metrics.bytes_out_zero_copy.inc_by(len);
+                let stream = futures_util::stream::iter(chunks.map(Ok::<_, std::io::Error>));
+                return Ok((status, headers, Body::from_stream(stream)).into_response());
+            }
+            Err(back) => file = back,
+        }
     }
-    let mut file = tokio::fs::File::from_std(reg.store.open_blob(&digest)?);
+    let mut file = tokio::fs::File::from_std(file);
     if start > 0 {
         file.seek(SeekFrom::Start(start))
             .await

@@ -16,6 +16,7 @@ mod handlers;
 pub use handlers::{Caller, CatalogFilter, RouteLabel};
 mod metrics;
 pub mod route;
+pub mod zerocopy;
 
 pub use error::{Code, RegistryError};
 pub use metrics::RegistryMetrics;

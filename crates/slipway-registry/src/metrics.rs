@@ -17,6 +17,8 @@ pub struct RegistryMetrics {
     pub bytes_in: Counter,
     /// Blob and manifest bytes sent.
     pub bytes_out: Counter,
+    /// Of those, blob bytes sent by `sendfile` (no copy through user space).
+    pub bytes_out_zero_copy: Counter,
     /// Duration of blob upload requests (POST, PATCH, PUT with a body), seconds.
     pub upload_duration: Histogram,
 }
@@ -26,6 +28,7 @@ impl Default for RegistryMetrics {
         Self {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
+            bytes_out_zero_copy: Counter::default(),
             upload_duration: Histogram::new(BUCKETS),
         }
     }
@@ -43,6 +46,11 @@ impl RegistryMetrics {
             "registry_bytes_sent",
             "Blob and manifest bytes sent",
             self.bytes_out.clone(),
+        );
+        registry.register(
+            "registry_bytes_sent_zero_copy",
+            "Blob bytes sent straight from the file by sendfile",
+            self.bytes_out_zero_copy.clone(),
         );
         registry.register_with_unit(
             "registry_upload_request_duration",

@@ -640,3 +640,101 @@ fn streamed_patch_with_chunked_encoding_is_accepted() {
     let r = s.request("PUT", &format!("{loc}?digest={}", sha256(&data)), &[], b"");
     assert_eq!(r.status, 201);
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `r`.
+fn read_one(r: &mut std::io::BufReader<std::net::TcpStream>) -> (u16, Vec<u8>) {
+    use std::io::{BufRead, Read};
+    let mut status = String::new();
+    r.read_line(&mut status).expect("status");
+    let code = status
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).expect("header");
+        if h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().expect("length");
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).expect("body");
+    (code, body)
+}
+
+#[test]
+fn large_blobs_arrive_intact_by_sendfile_whole_in_ranges_and_back_to_back() {
+    use std::io::Write;
+    let s = TestServer::start(BIN);
+    // Not a multiple of any buffer size, with no repeating pattern.
+    let data: Vec<u8> = (0..3_333_337u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let digest = s.push_blob("zc/app", &data);
+    let small = s.push_blob("zc/app", b"small blobs are streamed");
+    let path = format!("/v2/zc/app/blobs/{digest}");
+    let stream = std::net::TcpStream::connect(s.host()).expect("connect");
+    let mut r = std::io::BufReader::new(stream);
+    let asks = [
+        (None, &data[..]),
+        (Some("bytes=1000-2000999"), &data[1000..2_001_000]),
+        (Some("bytes=-70000"), &data[data.len() - 70_000..]),
+        (None, &data[..]),
+    ];
+    // All four on one keep-alive connection, the last two pipelined.
+    for (i, (range, want)) in asks.iter().enumerate() {
+        if i == 3 {
+            break; // sent with the third
+        }
+        let extra = range.map_or(String::new(), |r| format!("Range: {r}\r\n"));
+        r.get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
+            .expect("write");
+        if i == 2 {
+            let extra = "";
+            r.get_mut()
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
+                .expect("write");
+        }
+        let (code, body) = read_one(&mut r);
+        assert_eq!(code, if range.is_some() { 206 } else { 200 }, "request {i}");
+        assert!(body == *want, "request {i}: {} bytes differ", body.len());
+    }
+    let (code, body) = read_one(&mut r);
+    assert_eq!(code, 200);
+    assert_eq!(sha256(&body), digest, "the pipelined one");
+    // A small blob on the same connection, then the large one again.
+    r.get_mut()
+        .write_all(format!("GET /v2/zc/app/blobs/{small} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("write");
+    assert!(
+        read_one(&mut r).1 == b"small blobs are streamed",
+        "the small blob"
+    );
+    r.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("write");
+    assert_eq!(sha256(&read_one(&mut r).1), digest);
+    // HEAD has no body, and curl agrees on the bytes.
+    let h = s.request("HEAD", &path, &[], b"");
+    assert_eq!(h.header("content-length"), Some("3333337"));
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://{}{path}", s.host())])
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    assert_eq!(sha256(&out.stdout), digest);
+    // They went by sendfile: six large bodies, none through user space.
+    let m = String::from_utf8_lossy(&s.get("/metrics").body).into_owned();
+    let zero_copy: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("slipway_registry_bytes_sent_zero_copy_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("the zero-copy counter");
+    assert_eq!(zero_copy, 4 * 3_333_337 + 2_000_000 + 70_000);
+}
