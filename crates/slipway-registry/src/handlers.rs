@@ -692,36 +692,59 @@ async fn stream_body(
     body: Body,
     limit: Option<u64>,
 ) -> (UploadWriter, Result<()>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    // Chunks go to the writer in batches of what has already arrived (up to
+    // 1 MiB), so a fast client costs one hand-off per batch, not per chunk.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(8);
     let task = tokio::task::spawn_blocking(move || {
         let mut w = writer;
-        while let Some(chunk) = rx.blocking_recv() {
-            if let Err(e) = w.write(&chunk) {
-                return (w, Err(RegistryError::from(e)));
+        while let Some(batch) = rx.blocking_recv() {
+            for chunk in batch {
+                if let Err(e) = w.write(&chunk) {
+                    return (w, Err(RegistryError::from(e)));
+                }
             }
         }
         (w, Ok(()))
     });
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0usize;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     let mut res = Ok(());
     loop {
-        let next = tokio::time::timeout(crate::BODY_IDLE_TIMEOUT, stream.next()).await;
+        // Wait for a chunk when the batch is empty; otherwise take only what has
+        // already arrived, and hand the batch over when nothing has.
+        let next = if batch.is_empty() {
+            match tokio::time::timeout(crate::BODY_IDLE_TIMEOUT, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    res = Err(
+                        RegistryError::new(Code::BlobUploadInvalid, "request body stalled")
+                            .with_status(StatusCode::REQUEST_TIMEOUT),
+                    );
+                    break;
+                }
+            }
+        } else {
+            match futures_util::FutureExt::now_or_never(stream.next()) {
+                Some(next) => next,
+                None => {
+                    if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                        break; // the writer failed; its error is returned below
+                    }
+                    batched = 0;
+                    continue;
+                }
+            }
+        };
         let chunk = match next {
-            Ok(Some(Ok(c))) => c,
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
+            Some(Ok(c)) => c,
+            None => break,
+            Some(Err(e)) => {
                 res = Err(RegistryError::new(
                     Code::BlobUploadInvalid,
                     format!("request body ended early: {e}"),
                 ));
-                break;
-            }
-            Err(_) => {
-                res = Err(
-                    RegistryError::new(Code::BlobUploadInvalid, "request body stalled")
-                        .with_status(StatusCode::REQUEST_TIMEOUT),
-                );
                 break;
             }
         };
@@ -735,9 +758,18 @@ async fn stream_body(
             break;
         }
         reg.metrics.bytes_in.inc_by(chunk.len() as u64);
-        if tx.send(chunk).await.is_err() {
-            break; // the writer failed; its error is returned below
+        batched += chunk.len();
+        batch.push(chunk);
+        if batched >= 1 << 20 {
+            if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                break;
+            }
+            batched = 0;
         }
+    }
+    // The bytes received before the end (or an error) are written.
+    if !batch.is_empty() {
+        let _ = tx.send(batch).await;
     }
     drop(tx);
     match task.await {

@@ -40,7 +40,14 @@ pub struct UploadWriter {
     hasher: Option<Hasher>,
     offset: u64,
     live: Arc<Mutex<HashMap<Uuid, Live>>>,
+    /// Where the last early write-back was started.
+    flushed: u64,
+    /// Whether an early write-back is running.
+    flushing: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Bytes between two early write-backs of a large upload.
+const FLUSH_EVERY: u64 = 32 << 20;
 
 // === impl UploadWriter ===
 
@@ -56,7 +63,34 @@ impl UploadWriter {
             h.update(data);
         }
         self.offset += data.len() as u64;
+        self.flush_early();
         Ok(())
+    }
+
+    /// Starts writing a large upload's bytes to disk while it is still being
+    /// received (an `fdatasync` on another thread every [`FLUSH_EVERY`] bytes),
+    /// so that the commit's fsync waits for the tail only, not the whole blob:
+    /// receiving and the disk then overlap instead of taking turns. Errors are
+    /// left to the commit's own fsync, which reports them.
+    fn flush_early(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.offset - self.flushed < FLUSH_EVERY || self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.flushed = self.offset;
+        let flushing = self.flushing.clone();
+        let started = self.file.try_clone().ok().and_then(|f| {
+            std::thread::Builder::new()
+                .name("slipway-flush".into())
+                .spawn(move || {
+                    let _ = f.sync_data();
+                    flushing.store(false, Ordering::Release);
+                })
+                .ok()
+        });
+        if started.is_none() {
+            self.flushing.store(false, Ordering::Release);
+        }
     }
 
     /// Bytes in the session so far.
@@ -215,6 +249,8 @@ impl Store {
             hasher: Some(hasher),
             offset,
             live: self.uploads.clone(),
+            flushed: offset,
+            flushing: Arc::default(),
         };
         if let Some(start) = start
             && start != offset
