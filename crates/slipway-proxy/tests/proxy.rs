@@ -397,30 +397,47 @@ async fn a_closed_proxy_releases_its_port_and_finishes_open_requests() {
     .expect("the port is free again");
 }
 
-/// A backend that speaks HTTP/1.0 and closes every connection after one answer,
-/// as busybox httpd does.
-async fn closing_backend() -> SocketAddr {
+/// Reads one request head; `false` when the connection ended first.
+async fn read_head(r: &mut BufReader<TcpStream>) -> bool {
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        if h == "\r\n" {
+            return true;
+        }
+    }
+}
+
+/// A loopback listener running `serve` on each connection it accepts.
+async fn accept_each<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(BufReader<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                }
-                let _ = r
-                    .get_mut()
-                    .write_all(b"HTTP/1.0 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
+            tokio::spawn(serve(BufReader::new(s)));
         }
     });
     addr
+}
+
+/// A backend that speaks HTTP/1.0 and closes every connection after one answer,
+/// as busybox httpd does.
+async fn closing_backend() -> SocketAddr {
+    accept_each(|mut r| async move {
+        read_head(&mut r).await;
+        let _ = r
+            .get_mut()
+            .write_all(b"HTTP/1.0 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -517,30 +534,18 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
 /// A backend that accepts, reads the whole request head and closes without
 /// answering (a process dying mid-request); it counts the requests it took.
 async fn aborting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if h == "\r\n" {
-                        break;
-                    }
-                }
+    let addr = accept_each(move |mut r| {
+        let count = count.clone();
+        async move {
+            if read_head(&mut r).await {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                // Dropping the stream closes it with nothing written.
-            });
+            }
+            // Dropping the stream closes it with nothing written.
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
@@ -645,33 +650,21 @@ async fn when_every_backend_fails_the_budget_caps_the_retries() {
 
 /// A backend streaming `tick` lines every 20 ms until the client goes away.
 async fn ticking_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                }
-                let s = r.get_mut();
-                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n").await.is_err() {
-                    return;
-                }
-                loop {
-                    if s.write_all(b"5\r\ntick\n\r\n").await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            });
+    accept_each(|mut r| async move {
+        read_head(&mut r).await;
+        let s = r.get_mut();
+        if s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
         }
-    });
-    addr
+        while s.write_all(b"5\r\ntick\n\r\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 /// Reads `n` tick lines of a stream.

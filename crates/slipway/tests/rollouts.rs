@@ -1256,24 +1256,7 @@ fn gc_removes_the_snapshots_of_a_removed_service_and_keeps_those_of_recent_revis
         let file = format!("{}:/version", f.display());
         let tag = format!("app:{v}");
         let env = format!("HELLO_VERSION={v}");
-        let (code, _, err) = cli(
-            BIN,
-            &s,
-            &[
-                "image",
-                "pack",
-                "-q",
-                "--tag",
-                &tag,
-                "--entrypoint",
-                "/hello",
-                "--env",
-                &env,
-                &hello,
-                &file,
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
+        slipway_testkit::pack(BIN, &s, &tag, "/hello", &["--env", &env, &hello], &file);
     }
     let port = free_port();
     for v in 1..=3 {
