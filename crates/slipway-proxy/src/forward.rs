@@ -25,96 +25,31 @@ pub(crate) fn backend_uri(backend: &Backend, uri: &http::Uri) -> http::Uri {
     http::Uri::from_parts(parts).unwrap_or_default()
 }
 
-/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and the headers
-/// it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
-/// `Transfer-Encoding` and `Upgrade`. hyper frames each hop's body itself.
-pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    let hop = |n: &http::header::HeaderName| {
-        n == header::CONNECTION
-            || n == header::TE
-            || n == header::TRAILER
-            || n == header::TRANSFER_ENCODING
-            || n == header::UPGRADE
-            || n.as_str() == "keep-alive"
-            || n.as_str() == "proxy-connection"
+/// Sets `X-Forwarded-For`, `X-Forwarded-Proto` and (when absent) `X-Request-Id`
+/// on a request forwarded through hyper's client (upgrades).
+fn set_forwarding_headers(proxy: &Proxy, h: &mut http::HeaderMap, peer: SocketAddr) {
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
     };
-    // The common case: nothing to strip, decided in one pass without hashing.
-    if !h.keys().any(hop) {
-        return;
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
     }
-    if let Some(listed) = h.get(header::CONNECTION).cloned()
-        && let Ok(listed) = listed.to_str()
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !h.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "{:x}-{:x}",
+            proxy.boot,
+            proxy.ids.fetch_add(1, Ordering::Relaxed)
+        ))
     {
-        for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            h.remove(name);
-        }
+        h.insert("x-request-id", v);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        h.remove(name);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
 }
 
-/// Bodies up to this size are kept so that the request can be sent again.
+/// Bodies up to this size are read before the request goes out, so that the
+/// request can be sent again.
 const REPLAY_MAX: u64 = 64 << 10;
-
-/// A request's head and body, kept to send it again to another backend.
-pub(crate) struct Replay {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Replay {
-    /// The body to send first and, when the request can be replayed (no body, or
-    /// one of known length up to [`REPLAY_MAX`], read here), what replays it.
-    async fn keep(
-        parts: &http::request::Parts,
-        body: Incoming,
-    ) -> Result<(Body, Option<Self>), hyper::Error> {
-        use hyper::body::Body as _;
-        let bytes = if body.is_end_stream() {
-            Bytes::new()
-        } else if body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX) {
-            body.collect().await?.to_bytes()
-        } else {
-            return Ok((body.boxed(), None));
-        };
-        let replay = Self {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            body: bytes,
-        };
-        Ok((replay.body(), Some(replay)))
-    }
-
-    fn body(&self) -> Body {
-        Full::new(self.body.clone())
-            .map_err(|never| match never {})
-            .boxed()
-    }
-
-    /// The request again.
-    fn request(&self) -> Request<Body> {
-        let mut r = Request::new(self.body());
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
-}
 
 pub(crate) fn text(status: StatusCode, msg: &str) -> Response<Body> {
     let mut r = Response::new(
@@ -137,85 +72,37 @@ impl Proxy {
         let Some((mut revision, mut backend)) = self.wait_for_backend(pinned).await else {
             return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend"));
         };
-        // Forwarding headers.
-        let h = req.headers_mut();
-        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert("x-forwarded-for", v);
-        }
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        if !h.contains_key("x-request-id")
-            && let Ok(v) = HeaderValue::from_str(&format!(
-                "{:x}-{:x}",
-                self.boot,
-                self.ids.fetch_add(1, Ordering::Relaxed)
-            ))
-        {
-            h.insert("x-request-id", v);
-        }
-        let upgrade = req.headers().contains_key(header::UPGRADE);
-        if upgrade {
+        if req.headers().contains_key(header::UPGRADE) {
+            set_forwarding_headers(&self, req.headers_mut(), peer);
             return Ok(self.upgrade(req, revision, backend, start).await);
         }
-        let authority = req.uri().authority().cloned();
-        let (mut parts, body) = req.into_parts();
-        // HTTP/1 backends get origin-form URIs and a Host header (h2 clients send none).
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(a) = authority
-                .as_ref()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, a);
-        }
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
-        strip_hop_by_hop(&mut parts.headers);
         // The client's hop keeps its own version whatever the backend speaks.
-        let client_version = parts.version;
-        // What it takes to send the request again after a backend failed it: its
-        // head and, when small, its body.
-        let (body, replay) = if self.retries(&parts.method) {
-            match Replay::keep(&parts, body).await {
-                Ok(v) => v,
-                Err(e) => {
-                    return Ok(text(
-                        StatusCode::BAD_REQUEST,
-                        &format!("reading the request body: {e}"),
-                    ));
-                }
+        let client_version = req.version();
+        let (parts, body) = req.into_parts();
+        let retryable = self.retries(&parts.method);
+        let mut out = match self.outgoing(&parts, body, peer).await {
+            Ok(out) => out,
+            Err(e) => {
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the request body: {e}"),
+                ));
             }
-        } else {
-            (body.boxed(), None)
         };
-        let mut req = Request::from_parts(parts, body);
         let second = start.duration_since(self.started).as_secs();
         self.budget.request(second);
         let mut tried = Vec::new();
         loop {
             backend.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(backend.clone());
-            match Self::forward(&backend, req).await {
-                Ok((resp, upstream)) => {
-                    let (mut rparts, rbody) = resp.into_parts();
-                    // The backend closing its connection says nothing about the
-                    // client's: hop-by-hop headers stay on their hop.
-                    strip_hop_by_hop(&mut rparts.headers);
+            match Self::forward(&backend, &mut out).await {
+                Ok((mut rparts, framing, keep_alive, up)) => {
                     rparts.version = client_version;
                     self.stats(revision)
                         .record(rparts.status.is_server_error(), start.elapsed());
                     // The in-flight guard lives as long as the response body streams; the
                     // connection goes back to the pool once the body has ended.
-                    let body = GuardedBody {
-                        inner: rbody,
-                        upstream: Some(upstream),
-                        guard,
-                    };
+                    let body = UpstreamBody::new(up, framing, keep_alive, guard);
                     return Ok(Response::from_parts(rparts, body.boxed()));
                 }
                 Err(failure) => {
@@ -236,20 +123,17 @@ impl Proxy {
                         // whatever its method: nothing of it reached the failed one.
                         // One that was sent goes again only if it may (idempotent,
                         // body kept) and the budget allows.
-                        let again = match failure.unsent {
-                            Some(unsent) => Some(unsent),
-                            None => match &replay {
-                                Some(replay) if self.budget.try_retry(second) => {
-                                    self.stats(revision).record_retried(start.elapsed());
-                                    Some(replay.request())
-                                }
-                                _ => None,
-                            },
-                        };
-                        if let Some(again) = again {
+                        let again = failure.unsent
+                            || (retryable
+                                && !failure.answered
+                                && out.stream.is_none()
+                                && self.budget.try_retry(second));
+                        if again {
+                            if !failure.unsent {
+                                self.stats(revision).record_retried(start.elapsed());
+                            }
                             revision = r;
                             backend = b;
-                            req = again;
                             continue;
                         }
                     }
@@ -260,46 +144,144 @@ impl Proxy {
         }
     }
 
-    /// Sends `req` to `backend` over one of its idle connections, or a new one.
-    pub(crate) async fn forward(
-        backend: &Backend,
-        mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Upstream), Failure> {
-        while let Some(mut up) = backend.take_idle() {
-            // An idle connection is ready at once unless the backend closed it.
-            if !up.ready().await {
+    /// The request as it goes to backends: an HTTP/1.1 head in origin form with
+    /// the forwarding headers set and hop-by-hop headers left on the client's hop,
+    /// followed by the body when it is small enough to keep (none, or a known
+    /// length up to [`REPLAY_MAX`]); a larger or unknown-length body is streamed.
+    async fn outgoing(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        peer: SocketAddr,
+    ) -> Result<Outgoing, hyper::Error> {
+        use hyper::body::Body as _;
+        use std::fmt::Write as _;
+        let h = &parts.headers;
+        let had_length = h.contains_key(header::CONTENT_LENGTH);
+        let (kept, stream) = if body.is_end_stream() {
+            (Some(Bytes::new()), None)
+        } else if body.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX) {
+            (Some(body.collect().await?.to_bytes()), None)
+        } else {
+            let chunked = !had_length;
+            (None, Some(StreamBody { body, chunked }))
+        };
+        let kept_len = kept.as_ref().map_or(0, Bytes::len);
+        let mut m = bytes::BytesMut::with_capacity(512 + kept_len);
+        m.extend_from_slice(parts.method.as_str().as_bytes());
+        m.extend_from_slice(b" ");
+        m.extend_from_slice(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str)
+                .as_bytes(),
+        );
+        m.extend_from_slice(b" HTTP/1.1\r\n");
+        // HTTP/1 backends get a Host header (h2 clients send an authority instead).
+        if !h.contains_key(header::HOST)
+            && let Some(a) = parts.uri.authority()
+        {
+            m.extend_from_slice(b"host: ");
+            m.extend_from_slice(a.as_str().as_bytes());
+            m.extend_from_slice(b"\r\n");
+        }
+        let named: Vec<&[u8]> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .collect();
+        for (name, value) in h {
+            let n = name.as_str().as_bytes();
+            if is_hop_by_hop(n)
+                || named.iter().any(|t| t.eq_ignore_ascii_case(n))
+                || name == header::EXPECT
+                || n == b"x-forwarded-proto"
+            {
                 continue;
             }
-            match up.send(req).await {
-                Ok(resp) => return Ok((resp, up)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent, // a stale connection: try the next one
-                    None => {
+            // Kept bodies get their own length; streamed chunked ones none.
+            if name == header::CONTENT_LENGTH && (kept.is_some() || !had_length) {
+                continue;
+            }
+            if n == b"x-forwarded-for" {
+                continue;
+            }
+            m.extend_from_slice(n);
+            m.extend_from_slice(b": ");
+            m.extend_from_slice(value.as_bytes());
+            m.extend_from_slice(b"\r\n");
+        }
+        // Every earlier hop, then this one, in one header.
+        m.extend_from_slice(b"x-forwarded-for: ");
+        for prev in h.get_all("x-forwarded-for") {
+            m.extend_from_slice(prev.as_bytes());
+            m.extend_from_slice(b", ");
+        }
+        let _ = write!(m, "{}\r\n", peer.ip());
+        m.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        if !h.contains_key("x-request-id") {
+            let _ = write!(
+                m,
+                "x-request-id: {:x}-{:x}\r\n",
+                self.boot,
+                self.ids.fetch_add(1, Ordering::Relaxed)
+            );
+        }
+        if kept_len > 0 || (kept.is_some() && had_length) {
+            let _ = write!(m, "content-length: {kept_len}\r\n");
+        }
+        if stream.as_ref().is_some_and(|s| s.chunked) {
+            m.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        m.extend_from_slice(b"\r\n");
+        if let Some(kept) = kept {
+            m.extend_from_slice(&kept);
+        }
+        Ok(Outgoing {
+            message: m.freeze(),
+            stream,
+            head_only: parts.method == http::Method::HEAD,
+        })
+    }
+
+    /// Sends `out` to `backend` over one of its idle connections, or a new one,
+    /// and reads the response head.
+    pub(crate) async fn forward(
+        backend: &Backend,
+        out: &mut Outgoing,
+    ) -> Result<(http::response::Parts, Framing, bool, Upstream), Failure> {
+        let mut up = loop {
+            match backend.take_idle() {
+                // An idle connection is ready at once unless the backend closed it.
+                Some(mut up) => {
+                    if up.alive() {
+                        break up;
+                    }
+                }
+                None => match Upstream::connect(backend.addr).await {
+                    Ok(up) => break up,
+                    Err(message) => {
                         return Err(Failure {
-                            unsent: None,
-                            message: e.into_error().to_string(),
-                            fresh: false,
+                            unsent: true,
+                            message,
+                            answered: false,
+                            fresh: true,
                         });
                     }
                 },
             }
-        }
-        let mut up = match Upstream::connect(backend.addr).await {
-            Ok(up) => up,
-            Err(message) => {
-                return Err(Failure {
-                    unsent: Some(req),
-                    message,
-                    fresh: true,
-                });
-            }
         };
-        match up.send(req).await {
-            Ok(resp) => Ok((resp, up)),
-            Err(mut e) => Err(Failure {
-                unsent: e.take_message(),
-                message: e.into_error().to_string(),
-                fresh: true,
+        let fresh = up.is_fresh();
+        match up.exchange(out).await {
+            Ok((parts, framing, keep_alive)) => Ok((parts, framing, keep_alive, up)),
+            Err(e) => Err(Failure {
+                unsent: !e.sent,
+                message: e.message,
+                answered: e.answered,
+                fresh,
             }),
         }
     }
@@ -342,6 +324,6 @@ impl Proxy {
             });
         }
         let (p, b) = resp.into_parts();
-        Response::from_parts(p, b.boxed())
+        Response::from_parts(p, b.map_err(Into::into).boxed())
     }
 }

@@ -61,10 +61,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
-pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Body>;
-pub(crate) type ClientConn =
-    hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Body>;
+pub(crate) type Body = BoxBody<Bytes, upstream::BoxError>;
 
 /// A running proxy.
 pub struct Proxy {

@@ -747,3 +747,103 @@ async fn two_hundred_ingresses_share_one_pool_and_changing_one_leaves_anothers_s
     assert_eq!(a.open_connections(), 1);
     assert_eq!(get(ingresses[2].1, "/", "").await.0, 200);
 }
+
+/// A raw backend answering every request head with `answer`, then closing when
+/// `close` is set.
+async fn raw_backend(answer: &'static [u8], close: bool) -> SocketAddr {
+    accept_each(move |mut r| async move {
+        while read_head(&mut r).await {
+            if r.get_mut().write_all(answer).await.is_err() || close {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// Sends `req` through the proxy at `addr` on a new hyper client connection.
+async fn send_through(
+    addr: SocketAddr,
+    req: hyper::Request<http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>>,
+) -> (hyper::http::response::Parts, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut client, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let resp = client.send_request(req).await.expect("response");
+    let (parts, body) = resp.into_parts();
+    (parts, body.collect().await.expect("body").to_bytes())
+}
+
+#[tokio::test]
+async fn chunked_uploads_head_requests_interim_answers_and_close_delimited_bodies_pass_through() {
+    use http_body_util::{BodyExt, Empty, StreamBody};
+    let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
+
+    // A request body of unknown length goes to the backend chunked, whole.
+    let (echo, _) = echo_backend().await;
+    proxy.set_routes(table(&[(1, 100, &[Backend::new(echo)])]));
+    let pieces: Vec<bytes::Bytes> = (0u8..40)
+        .map(|i| bytes::Bytes::from(vec![i; 5000]))
+        .collect();
+    let expected: Vec<u8> = pieces.iter().flat_map(|p| p.to_vec()).collect();
+    let stream = futures_util::stream::iter(
+        pieces
+            .into_iter()
+            .map(|p| Ok::<_, std::io::Error>(hyper::body::Frame::data(p))),
+    );
+    let req = hyper::Request::post("/echo")
+        .header("host", "x")
+        .body(StreamBody::new(stream).boxed())
+        .expect("request");
+    let (parts, body) = send_through(addr, req).await;
+    assert_eq!(parts.status, 200);
+    assert!(body == expected[..], "the chunked upload arrived whole");
+
+    // HEAD: the length of what a GET would get, and no body.
+    let head = raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).await;
+    proxy.set_routes(table(&[(2, 100, &[Backend::new(head)])]));
+    let req = hyper::Request::head("/")
+        .header("host", "x")
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("request");
+    let (parts, body) = send_through(addr, req).await;
+    assert_eq!(parts.headers["content-length"], "5");
+    assert!(body.is_empty());
+
+    // An interim 100 Continue before the answer is skipped.
+    let interim = raw_backend(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        false,
+    )
+    .await;
+    proxy.set_routes(table(&[(3, 100, &[Backend::new(interim)])]));
+    let req = hyper::Request::get("/")
+        .header("host", "x")
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("request");
+    let (parts, body) = send_through(addr, req).await;
+    assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+
+    // A body delimited by the backend closing arrives whole.
+    let closing = raw_backend(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
+    proxy.set_routes(table(&[(4, 100, &[Backend::new(closing)])]));
+    let req = hyper::Request::get("/")
+        .header("host", "x")
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("request");
+    let (parts, body) = send_through(addr, req).await;
+    assert_eq!(
+        (parts.status.as_u16(), &body[..]),
+        (200, &b"until the end"[..])
+    );
+
+    // A malformed answer is a 502, not a hang or a broken client connection.
+    let garbage = raw_backend(b"SPEAKING NONSENSE\r\n\r\n", true).await;
+    proxy.set_routes(table(&[(5, 100, &[Backend::new(garbage)])]));
+    let (code, _) = get(addr, "/", "").await;
+    assert_eq!(code, 502);
+}
