@@ -7,7 +7,8 @@
 //! fewest requests in flight.
 //!
 //! Code map: `routes.rs` (backends, tables, picking), `forward.rs` (one request),
-//! `upstream.rs` (pooled backend connections and the body that returns them),
+//! `upstream.rs` (the HTTP/1.1 client for backends: pooled connections, response
+//! heads, and the response body that reads the socket and returns its connection),
 //! `serve.rs` (the shared pool, accept loops and the connection hand-off),
 //! `budget.rs` (the retry budget), `metrics.rs`.
 //!
