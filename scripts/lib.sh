@@ -22,10 +22,15 @@ ensure_pip() {
     python3 -m pip install -q --root-user-action=ignore "$2" 2>/dev/null || python3 -m pip install -q "$2"
 }
 
-# ensure_rust: cargo must exist; the toolchain itself comes from rust-toolchain.toml.
+# ensure_rust: cargo must exist (the toolchain itself comes from rust-toolchain.toml),
+# and so must what crates need at build time: protoc for etcd-client's gRPC code.
 ensure_rust() {
     command -v cargo >/dev/null || { echo "error: cargo is not installed (install Rust with rustup)" >&2; exit 1; }
+    ensure_apt "${BUILD_PACKAGES[@]}"
 }
+
+# What crates need at build time.
+BUILD_PACKAGES=(protobuf-compiler)
 
 # The packages the whole-system tests and the quickstart use.
 RUNTIME_PACKAGES=(runc skopeo podman umoci busybox-static curl openssl ca-certificates docker-registry docker.io)

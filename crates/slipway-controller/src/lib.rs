@@ -17,6 +17,7 @@
 mod actor;
 mod engine;
 mod record;
+pub mod schedule;
 pub mod state;
 pub mod trigger;
 

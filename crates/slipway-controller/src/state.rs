@@ -262,7 +262,15 @@ pub async fn behaviour_suite(store: &dyn StateStore) {
         ),
         "updating a deleted key is a conflict"
     );
+    // Watch events may arrive after the write returned (a remote store's watch
+    // is its own stream): wait for the four with a deadline.
     let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), watch.recv()).await {
+            Ok(Some(e)) => seen.push(e),
+            Ok(None) | Err(_) => break,
+        }
+    }
     while let Ok(e) = watch.try_recv() {
         seen.push(e);
     }

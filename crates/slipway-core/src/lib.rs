@@ -14,6 +14,7 @@ mod error;
 pub mod form;
 pub mod media;
 mod name;
+pub mod placement;
 pub mod revision;
 pub mod service;
 

@@ -141,6 +141,12 @@ pub struct ServiceSpec {
     /// uid; each instance gets a private, shifted copy of the image).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub userns: bool,
+    /// Where instances go when there are several nodes.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::placement::Placement::is_default"
+    )]
+    pub placement: crate::placement::Placement,
 }
 
 /// `[autoscale]`: keep requests/s per instance near a target.
@@ -501,6 +507,25 @@ impl ServiceSpec {
         }
         if self.stop_timeout.0 > Duration::from_secs(3600) {
             return Err(invalid("stop_timeout", "must be at most 1h"));
+        }
+        if let Some(m) = &self.memory
+            && crate::placement::parse_size(m).is_none_or(|b| b < 4 << 20)
+        {
+            return Err(invalid(
+                "memory",
+                format!(
+                    "{m:?} is not a size; use bytes or a number with k, m or g (e.g. 64m), at least 4m"
+                ),
+            ));
+        }
+        if let Err(e) = self.placement.parsed_constraints() {
+            return Err(invalid("placement.constraints", e));
+        }
+        if self.placement.max_per_node == Some(0) {
+            return Err(invalid(
+                "placement.max_per_node",
+                "must be at least 1 (leave it out for no limit)",
+            ));
         }
         if let Some(c) = self.cpus
             && !(c.is_finite() && (0.01..=1024.0).contains(&c))

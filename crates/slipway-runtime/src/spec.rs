@@ -11,16 +11,9 @@ pub fn parse_memory(s: &str) -> Result<i64, RuntimeError> {
             "memory: {s:?} is not a size; use bytes or a number with k, m or g (e.g. 64m), at least 4m"
         ))
     };
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').unwrap_or(&t);
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: i64 = num.parse().map_err(|_| err())?;
-    let bytes = n.checked_mul(mult).ok_or_else(err)?;
+    let bytes = slipway_core::placement::parse_size(s)
+        .and_then(|b| i64::try_from(b).ok())
+        .ok_or_else(err)?;
     if bytes < 4 << 20 {
         return Err(err());
     }

@@ -831,6 +831,88 @@ impl Drop for Distribution {
     }
 }
 
+/// Debian's etcd (`etcd-server`) on free loopback ports with its data in a temp
+/// dir; killed (by PID) on drop. `restart` stops and starts it on the same ports
+/// and data, as an operator's restart would.
+pub struct Etcd {
+    child: Option<Child>,
+    /// `127.0.0.1:<client port>`.
+    pub host: String,
+    peer: String,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts it and waits until `/health` answers; `None` if it does not come up
+    /// (for example: `etcd` is not installed).
+    pub fn start() -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let mut e = Self {
+            child: None,
+            host: format!("127.0.0.1:{}", free_port()),
+            peer: format!("127.0.0.1:{}", free_port()),
+            dir,
+        };
+        e.spawn().then_some(e)
+    }
+
+    /// `etcd://HOST:PORT`, as `slipway serve --state` takes it.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.host)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let data = self.dir.path().join("data");
+        let client = format!("http://{}", self.host);
+        let peer = format!("http://{}", self.peer);
+        let Ok(child) = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return false;
+        };
+        self.child = Some(child);
+        let port = self
+            .host
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0);
+        poll(Duration::from_secs(20), || {
+            http_get(port, "/health").filter(|r| r.status == 200)
+        })
+        .is_some()
+    }
+
+    /// Kills it (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data; `true` once healthy.
+    pub fn restart(&mut self) -> bool {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `slipway image pack -q` of one input as `tag` with `entrypoint` and extra flags,
 /// asserting success; returns the manifest digest the CLI prints.
 pub fn pack(
