@@ -272,6 +272,8 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     /// `--insecure-no-auth`
     pub insecure_no_auth: bool,
+    /// `--state etcd://HOST:PORT[,HOST:PORT…]`
+    pub state: Option<String>,
 }
 
 /// The resolved, validated settings `slipway serve` runs with.
@@ -305,6 +307,9 @@ pub struct Settings {
     pub insecure_no_auth: bool,
     /// The audit log.
     pub audit: AuditSection,
+    /// etcd endpoints (`http://host:port`) holding the control-plane state;
+    /// empty: the embedded store under the data directory.
+    pub state_endpoints: Vec<String>,
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -529,7 +534,12 @@ impl Settings {
             limit_window: file.auth.login_window.0,
             secrets_key: file.auth.secrets_key.clone(),
         };
+        let state_endpoints = match &o.state {
+            Some(url) => slipway_etcd::parse_endpoints(url).map_err(|e| invalid("--state", e))?,
+            None => Vec::new(),
+        };
         Ok(Self {
+            state_endpoints,
             auth,
             metrics_public: file.auth.metrics_public,
             realm: file.auth.realm.clone(),

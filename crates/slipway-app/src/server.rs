@@ -84,8 +84,11 @@ pub async fn serve(
         .await?
         .map_err(|e| anyhow::anyhow!("cannot open the auth database: {e}"))?;
     let auth = Arc::new(auth);
+    let state =
+        crate::services::Services::state_store(&settings.data_dir, &settings.state_endpoints)
+            .await?;
     let services = crate::services::Services::open(
-        &settings.data_dir,
+        state,
         runtime.clone(),
         store.clone(),
         vec![

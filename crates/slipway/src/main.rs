@@ -180,6 +180,11 @@ struct ServeArgs {
     /// networks only.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Keep the control-plane state (services, revisions) in etcd:
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (etcd 3.4 or later). Default: the
+    /// embedded store in the data directory.
+    #[arg(long, env = "SLIPWAY_STATE", value_name = "URL")]
+    state: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -345,6 +350,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
             insecure_no_auth: args.insecure_no_auth,
+            state: args.state,
         },
     )?;
     let ready = args.ready_file;

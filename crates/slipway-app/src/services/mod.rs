@@ -110,17 +110,15 @@ pub(crate) struct Services {
 }
 
 impl Services {
-    /// Opens the state store under `data_dir` and wires the adapters.
+    /// Wires the adapters around `state`.
     pub(crate) fn open(
-        data_dir: &Path,
+        state: Arc<dyn StateStore>,
         runtime: Arc<Runtime>,
         store: Arc<Store>,
         local_hosts: Vec<String>,
         ports: Ports,
         secrets: Arc<dyn SecretValues>,
     ) -> anyhow::Result<Arc<Self>> {
-        let state = state::RedbState::open(&data_dir.join("state.redb"))
-            .map_err(|e| anyhow::anyhow!("cannot open the state store: {e}"))?;
         let (events, rx) = broadcast::channel(4096);
         let hub = Arc::new(Hub {
             recent: Mutex::default(),
@@ -147,11 +145,36 @@ impl Services {
             images: Arc::new(StoreImages { store, local_hosts }),
             instances,
             runtime,
-            state: Arc::new(state),
+            state,
             events,
             hub,
             secrets,
         }))
+    }
+
+    /// The control-plane state store: etcd when `endpoints` are given, else
+    /// `<data_dir>/state.redb`.
+    pub(crate) async fn state_store(
+        data_dir: &Path,
+        endpoints: &[String],
+    ) -> anyhow::Result<Arc<dyn StateStore>> {
+        if endpoints.is_empty() {
+            let path = data_dir.join("state.redb");
+            let state = tokio::task::spawn_blocking(move || state::RedbState::open(&path))
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot open the state store: {e}"))?;
+            return Ok(Arc::new(state));
+        }
+        let state = slipway_etcd::EtcdState::connect(endpoints, "/slipway/")
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach etcd at {}: {e} (is etcd running there? check --state)",
+                    endpoints.join(",")
+                )
+            })?;
+        tracing::info!(endpoints = %endpoints.join(","), "control-plane state in etcd");
+        Ok(Arc::new(state))
     }
 
     /// Pins the version of every secret `spec` uses (checking that each exists
