@@ -120,7 +120,7 @@ impl CommandError {
 impl From<StateError> for CommandError {
     fn from(e: StateError) -> Self {
         match e {
-            StateError::Conflict { .. } => Self::Conflict(e.to_string()),
+            StateError::Conflict { .. } | StateError::Fenced(_) => Self::Conflict(e.to_string()),
             StateError::Unavailable(_) => Self::Unavailable(e.to_string()),
         }
     }

@@ -131,7 +131,7 @@ impl Writer {
                                 *current = Some(new);
                                 break;
                             }
-                            Err(e @ StateError::Conflict { .. }) => {
+                            Err(e @ (StateError::Conflict { .. } | StateError::Fenced(_))) => {
                                 // Another writer owns the record now: stop writing.
                                 tracing::error!(key = %key, "{e}; this controller stops writing");
                                 f.store(true, Ordering::SeqCst);

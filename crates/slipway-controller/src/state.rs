@@ -54,6 +54,10 @@ pub enum StateError {
     /// The store cannot be reached or failed.
     #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// This process no longer leads (another control plane took over): its
+    /// writes are refused whatever it believes.
+    #[error("not the leader any more: {0}")]
+    Fenced(String),
 }
 
 /// Durable, versioned storage of control-plane records.

@@ -13,8 +13,12 @@
 //!
 //! Supported: etcd 3.4 and later (the v3 gRPC API; tested against Debian's 3.4.23).
 
-use std::sync::Arc;
+mod leader;
+
+pub use leader::Leader;
+
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,6 +35,8 @@ pub struct EtcdState {
     namespace: String,
     /// The newest etcd revision any response has shown this client.
     seen: Arc<AtomicI64>,
+    /// The leadership that fences this store's writes, once it leads.
+    leader: Arc<Mutex<Option<Arc<Leader>>>>,
 }
 
 impl std::fmt::Debug for EtcdState {
@@ -41,7 +47,7 @@ impl std::fmt::Debug for EtcdState {
     }
 }
 
-fn unavailable(e: &etcd_client::Error) -> StateError {
+pub(crate) fn unavailable(e: &etcd_client::Error) -> StateError {
     StateError::Unavailable(format!("etcd: {e}"))
 }
 
@@ -83,6 +89,7 @@ impl EtcdState {
             client,
             namespace: namespace.to_owned(),
             seen: Arc::new(AtomicI64::new(0)),
+            leader: Arc::default(),
         };
         // The revision "now" starts from: a watch begins after it.
         let resp = state
@@ -107,6 +114,61 @@ impl EtcdState {
         key.strip_prefix(&self.namespace).unwrap_or(&key).to_owned()
     }
 
+    /// A transaction that writes `then` if `cmp` holds (and, while this store
+    /// leads, its leadership too); otherwise reads `key` (and the leader key) to
+    /// tell a conflict from a lost leadership.
+    async fn guarded(
+        &self,
+        key: &str,
+        cmp: Compare,
+        then: TxnOp,
+    ) -> Result<Result<etcd_client::TxnResponse, Guarded>, StateError> {
+        let k = self.key(key);
+        let fence = self
+            .leader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|l| (l.fence(), l.fence_key()));
+        let mut when = vec![cmp];
+        let mut otherwise = vec![TxnOp::get(k, None)];
+        if let Some((c, (fk, _))) = &fence {
+            when.push(c.clone());
+            otherwise.push(TxnOp::get(fk.clone(), None));
+        }
+        let txn = Txn::new().when(when).and_then([then]).or_else(otherwise);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        self.saw(resp.header());
+        if resp.succeeded() {
+            return Ok(Ok(resp));
+        }
+        let gets: Vec<Option<(i64, i64)>> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(
+                    g.kvs()
+                        .first()
+                        .map(|kv| (kv.mod_revision(), kv.create_revision())),
+                ),
+                _ => None,
+            })
+            .collect();
+        if let Some((_, (_, rev))) = fence
+            && gets.get(1).copied().flatten().map(|(_, created)| created) != Some(rev)
+        {
+            return Ok(Err(Guarded::Fenced));
+        }
+        Ok(Err(Guarded::Conflict(
+            gets.first().copied().flatten().map(|(m, _)| version(m)),
+        )))
+    }
+
     fn saw(&self, header: Option<&etcd_client::ResponseHeader>) {
         if let Some(h) = header {
             self.seen.fetch_max(h.revision(), Ordering::AcqRel);
@@ -122,12 +184,18 @@ fn revision(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// What a failed comparison found: the key's version, if it exists.
-fn found(resp: &etcd_client::TxnResponse) -> Option<u64> {
-    resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| version(kv.mod_revision())),
-        _ => None,
-    })
+/// Why a guarded write did not happen.
+enum Guarded {
+    /// The key was not at the expected version: what it is at, if it exists.
+    Conflict(Option<u64>),
+    /// Another process leads now.
+    Fenced,
+}
+
+fn fenced(key: &str) -> StateError {
+    StateError::Fenced(format!(
+        "the write of {key} was refused: another control plane leads now"
+    ))
 }
 
 #[async_trait]
@@ -177,53 +245,30 @@ impl StateStore for EtcdState {
             None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
             Some(v) => Compare::mod_revision(k.clone(), CompareOp::Equal, revision(v)),
         };
-        let txn = Txn::new()
-            .when([cmp])
-            .and_then([TxnOp::put(k.clone(), value, None)])
-            .or_else([TxnOp::get(k, None)]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        self.saw(resp.header());
-        if resp.succeeded() {
+        match self.guarded(key, cmp, TxnOp::put(k, value, None)).await? {
             // The put is the transaction's only write: its revision is the key's.
-            return Ok(version(resp.header().map_or(0, |h| h.revision())));
+            Ok(resp) => Ok(version(resp.header().map_or(0, |h| h.revision()))),
+            Err(Guarded::Fenced) => Err(fenced(key)),
+            Err(Guarded::Conflict(found)) => Err(StateError::Conflict {
+                key: key.to_owned(),
+                expected,
+                found,
+            }),
         }
-        Err(StateError::Conflict {
-            key: key.to_owned(),
-            expected,
-            found: found(&resp),
-        })
     }
 
     async fn delete(&self, key: &str, expected: u64) -> Result<(), StateError> {
         let k = self.key(key);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                k.clone(),
-                CompareOp::Equal,
-                revision(expected),
-            )])
-            .and_then([TxnOp::delete(k.clone(), None)])
-            .or_else([TxnOp::get(k, None)]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        self.saw(resp.header());
-        if resp.succeeded() {
-            return Ok(());
+        let cmp = Compare::mod_revision(k.clone(), CompareOp::Equal, revision(expected));
+        match self.guarded(key, cmp, TxnOp::delete(k, None)).await? {
+            Ok(_) => Ok(()),
+            Err(Guarded::Fenced) => Err(fenced(key)),
+            Err(Guarded::Conflict(found)) => Err(StateError::Conflict {
+                key: key.to_owned(),
+                expected: Some(expected),
+                found,
+            }),
         }
-        Err(StateError::Conflict {
-            key: key.to_owned(),
-            expected: Some(expected),
-            found: found(&resp),
-        })
     }
 
     fn watch(&self, prefix: &str) -> mpsc::UnboundedReceiver<WatchEvent> {
