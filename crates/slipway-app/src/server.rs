@@ -18,6 +18,18 @@ use crate::http::{AppState, router};
 use crate::metrics::AppMetrics;
 use crate::tasks;
 
+/// Resolves once `leadership` (if any) reports it was lost; never without one.
+async fn lost(leadership: &mut Option<watch::Receiver<bool>>) {
+    match leadership {
+        Some(rx) => {
+            if rx.wait_for(|l| *l).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs `slipway serve` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish within the configured grace, and returns.
 ///
@@ -84,7 +96,7 @@ pub async fn serve(
         .await?
         .map_err(|e| anyhow::anyhow!("cannot open the auth database: {e}"))?;
     let auth = Arc::new(auth);
-    let state =
+    let (state, etcd) =
         crate::services::Services::state_store(&settings.data_dir, &settings.state_endpoints)
             .await?;
     let services = crate::services::Services::open(
@@ -99,7 +111,19 @@ pub async fn serve(
         crate::services::Ports::new(settings.port_range.0, settings.port_range.1),
         Arc::new(crate::auth::AuthSecrets(auth.clone())),
     )?;
-    services.recover(&settings.data_dir.join("services")).await;
+    // With etcd, only the leader of the control planes runs the services; the
+    // others are standbys that take over within the lease TTL.
+    let mut leadership_lost = match etcd {
+        None => {
+            services.recover(&settings.data_dir.join("services")).await;
+            None
+        }
+        Some(etcd) => Some(services.lead_then_recover(
+            etcd,
+            format!("{addr} {}", std::process::id()),
+            settings.data_dir.join("services"),
+        )),
+    };
     let audit = Arc::new(
         crate::audit::AuditLog::open(
             &settings.data_dir,
@@ -200,6 +224,7 @@ pub async fn serve(
         .header_read_timeout(std::time::Duration::from_secs(30));
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
+    let mut stopped_by = None;
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -212,6 +237,13 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
+            () = lost(&mut leadership_lost) => {
+                tracing::error!("leadership of the control planes lost: stopping (another control plane runs the services)");
+                stopped_by = Some(anyhow::anyhow!(
+                    "leadership of the control planes was lost (etcd unreachable past the lease, or the lease expired); restart to stand by"
+                ));
+                break;
+            }
         };
         let _ = stream.set_nodelay(true);
         let gate = state_gate.clone();
@@ -286,7 +318,7 @@ pub async fn serve(
     services.shutdown();
     runtime.detach();
     tracing::info!("stopped");
-    Ok(())
+    stopped_by.map_or(Ok(()), Err)
 }
 
 fn load_tls(cfg: &TlsConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {

@@ -97,3 +97,53 @@ fn an_unreachable_or_malformed_state_url_stops_serve_with_a_clear_error() {
         assert!(err.contains(expect), "{url}: {err}");
     }
 }
+
+#[test]
+fn when_the_leading_control_plane_is_killed_a_standby_takes_over_its_services() {
+    let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
+    let url = etcd.url();
+    let mut a = TestServer::start_with(BIN, &["--state", &url]);
+    slipway_testkit::pack_hello(BIN, &a, "hello:1", "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("web.toml");
+    let port = free_port();
+    std::fs::write(&file, spec(port)).expect("spec");
+    let (code, out, err) = cli(BIN, &a, &["deploy", &file.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A second control plane on the same etcd stands by: it answers, but not for
+    // services, which the leader runs. (Registries are still per server: the
+    // same deterministic image goes to its own.)
+    let b_dir = tempfile::tempdir().expect("tmp");
+    let b = TestServer::start_on(BIN, &b_dir.path().join("data"), &["--state", &url]);
+    slipway_testkit::pack_hello(BIN, &b, "hello:1", "1");
+    let r = b.get("/api/v1/services/web");
+    assert_eq!(r.status, 503, "a standby does not act on services");
+    assert!(String::from_utf8_lossy(&r.body).contains("standby"));
+
+    let killed = std::time::Instant::now();
+    assert!(!a.signal_and_wait("KILL").success());
+    let st = poll(Duration::from_secs(30), || {
+        let r = b.get("/api/v1/services/web");
+        let st = (r.status == 200).then(|| r.json())?;
+        let ready = st["active"] == 1 && st["instances"].as_array().is_some_and(|i| i.len() == 2);
+        (ready && http_get(port, "/").is_some_and(|r| r.status == 200)).then_some(st)
+    })
+    .expect("the standby took over and serves the service");
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "taken over in {took:?} (lease TTL 5 s)"
+    );
+    assert_eq!(st["revisions"][0]["status"], "active", "{st}");
+    assert_eq!(cli(BIN, &b, &["service", "rm", "web"]).0, 0);
+
+    // The dead leader's own containers outlived it, as containers do: its data
+    // directory, opened again alone, re-adopts them, and they are removed.
+    let a_again = TestServer::start_on(BIN, &a.data, &[]);
+    let containers = a_again.get("/api/v1/containers").json();
+    for c in containers.as_array().cloned().unwrap_or_default() {
+        let name = c["name"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(cli(BIN, &a_again, &["rm", "-f", &name]).0, 0, "rm {name}");
+    }
+}

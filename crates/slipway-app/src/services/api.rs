@@ -41,7 +41,31 @@ pub(crate) fn router(services: Arc<Services>) -> Router {
             axum::routing::post(control),
         )
         .route("/api/v1/events", axum::routing::get(events))
+        .layer(axum::middleware::from_fn_with_state(
+            services.clone(),
+            standby,
+        ))
         .with_state(services)
+}
+
+/// A standby control plane (another one leads, on etcd) answers service routes
+/// 503 naming why, rather than acting on services it does not run.
+async fn standby(
+    State(s): State<Arc<Services>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.is_leading() {
+        return next.run(req).await;
+    }
+    ApiError::new(
+        slipway_core::ErrorKind::Unavailable,
+        format!(
+            "this control plane is a standby: another one leads the control planes on etcd; send service commands to it (a standby takes over within {}s if the leader dies)",
+            super::LEASE_TTL.as_secs()
+        ),
+    )
+    .into_response()
 }
 
 fn accepted(service: &str, a: Accepted) -> Response {

@@ -13,6 +13,7 @@ mod state;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use slipway_api::services::{InstanceView, RevisionView, ServiceStatus, TrafficView};
 use slipway_controller::{
@@ -93,6 +94,10 @@ impl Hub {
     }
 }
 
+/// How long a control plane's leadership outlives its last keep-alive: a
+/// standby takes over within this after the leader dies.
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(5);
+
 /// All services of this daemon.
 pub(crate) struct Services {
     map: Mutex<HashMap<String, Entry>>,
@@ -107,6 +112,9 @@ pub(crate) struct Services {
     secrets: Arc<dyn SecretValues>,
     /// The serving threads every ingress shares.
     pool: Arc<slipway_proxy::Pool>,
+    /// Whether this control plane runs the services (always, but for a standby
+    /// of an etcd-backed control plane that another process leads).
+    leading: std::sync::atomic::AtomicBool,
 }
 
 impl Services {
@@ -135,6 +143,7 @@ impl Services {
             .map_err(|e| anyhow::anyhow!("cannot start the proxy's serving threads: {e}"))?;
         Ok(Arc::new(Self {
             pool,
+            leading: std::sync::atomic::AtomicBool::new(true),
             map: Mutex::default(),
             probes: Arc::new(Probes {
                 runtime: runtime.clone(),
@@ -152,18 +161,18 @@ impl Services {
         }))
     }
 
-    /// The control-plane state store: etcd when `endpoints` are given, else
-    /// `<data_dir>/state.redb`.
+    /// The control-plane state store: etcd when `endpoints` are given (with the
+    /// etcd store itself, to campaign for leadership), else `<data_dir>/state.redb`.
     pub(crate) async fn state_store(
         data_dir: &Path,
         endpoints: &[String],
-    ) -> anyhow::Result<Arc<dyn StateStore>> {
+    ) -> anyhow::Result<(Arc<dyn StateStore>, Option<slipway_etcd::EtcdState>)> {
         if endpoints.is_empty() {
             let path = data_dir.join("state.redb");
             let state = tokio::task::spawn_blocking(move || state::RedbState::open(&path))
                 .await?
                 .map_err(|e| anyhow::anyhow!("cannot open the state store: {e}"))?;
-            return Ok(Arc::new(state));
+            return Ok((Arc::new(state), None));
         }
         let state = slipway_etcd::EtcdState::connect(endpoints, "/slipway/")
             .await
@@ -174,7 +183,53 @@ impl Services {
                 )
             })?;
         tracing::info!(endpoints = %endpoints.join(","), "control-plane state in etcd");
-        Ok(Arc::new(state))
+        Ok((Arc::new(state.clone()), Some(state)))
+    }
+
+    /// Whether this control plane runs the services now.
+    pub(crate) fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks this control plane as running the services, or as a standby.
+    pub(crate) fn set_leading(&self, leading: bool) {
+        self.leading
+            .store(leading, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits until this process leads the control planes sharing `etcd`, then
+    /// loads and runs every service; the receiver fires if leadership is lost
+    /// afterwards (the process must then stop: another control plane runs the
+    /// services).
+    pub(crate) fn lead_then_recover(
+        self: &Arc<Self>,
+        etcd: slipway_etcd::EtcdState,
+        id: String,
+        legacy_dir: std::path::PathBuf,
+    ) -> tokio::sync::watch::Receiver<bool> {
+        let (lost_tx, lost_rx) = tokio::sync::watch::channel(false);
+        self.set_leading(false);
+        let this = self.clone();
+        tokio::spawn(async move {
+            tracing::info!("standby: campaigning to lead the control planes on etcd");
+            let leader = loop {
+                match etcd.lead("control-plane", &id, LEASE_TTL).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        tracing::warn!("campaign for leadership: {e}; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            tracing::info!("leading the control planes: loading and running the services");
+            this.set_leading(true);
+            this.recover(&legacy_dir).await;
+            let mut lost = leader.lost();
+            let _ = lost.wait_for(|l| *l).await;
+            this.set_leading(false);
+            let _ = lost_tx.send(true);
+        });
+        lost_rx
     }
 
     /// Pins the version of every secret `spec` uses (checking that each exists
