@@ -778,9 +778,22 @@ async fn send_through(
     (parts, body.collect().await.expect("body").to_bytes())
 }
 
+/// `method /` with no body.
+fn bodiless(
+    method: hyper::Method,
+) -> hyper::Request<http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>> {
+    use http_body_util::{BodyExt, Empty};
+    hyper::Request::builder()
+        .method(method)
+        .uri("/")
+        .header("host", "x")
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("request")
+}
+
 #[tokio::test]
 async fn chunked_uploads_head_requests_interim_answers_and_close_delimited_bodies_pass_through() {
-    use http_body_util::{BodyExt, Empty, StreamBody};
+    use http_body_util::{BodyExt, StreamBody};
     let (proxy, addr, _stop) = start(Duration::from_secs(1)).await;
 
     // A request body of unknown length goes to the backend chunked, whole.
@@ -806,11 +819,7 @@ async fn chunked_uploads_head_requests_interim_answers_and_close_delimited_bodie
     // HEAD: the length of what a GET would get, and no body.
     let head = raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).await;
     proxy.set_routes(table(&[(2, 100, &[Backend::new(head)])]));
-    let req = hyper::Request::head("/")
-        .header("host", "x")
-        .body(Empty::new().map_err(|never| match never {}).boxed())
-        .expect("request");
-    let (parts, body) = send_through(addr, req).await;
+    let (parts, body) = send_through(addr, bodiless(hyper::Method::HEAD)).await;
     assert_eq!(parts.headers["content-length"], "5");
     assert!(body.is_empty());
 
@@ -821,21 +830,13 @@ async fn chunked_uploads_head_requests_interim_answers_and_close_delimited_bodie
     )
     .await;
     proxy.set_routes(table(&[(3, 100, &[Backend::new(interim)])]));
-    let req = hyper::Request::get("/")
-        .header("host", "x")
-        .body(Empty::new().map_err(|never| match never {}).boxed())
-        .expect("request");
-    let (parts, body) = send_through(addr, req).await;
+    let (parts, body) = send_through(addr, bodiless(hyper::Method::GET)).await;
     assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
 
     // A body delimited by the backend closing arrives whole.
     let closing = raw_backend(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
     proxy.set_routes(table(&[(4, 100, &[Backend::new(closing)])]));
-    let req = hyper::Request::get("/")
-        .header("host", "x")
-        .body(Empty::new().map_err(|never| match never {}).boxed())
-        .expect("request");
-    let (parts, body) = send_through(addr, req).await;
+    let (parts, body) = send_through(addr, bodiless(hyper::Method::GET)).await;
     assert_eq!(
         (parts.status.as_u16(), &body[..]),
         (200, &b"until the end"[..])
