@@ -147,3 +147,97 @@ fn when_the_leading_control_plane_is_killed_a_standby_takes_over_its_services() 
         assert_eq!(cli(BIN, &a_again, &["rm", "-f", &name]).0, 0, "rm {name}");
     }
 }
+
+#[test]
+fn a_rollout_left_by_a_killed_leader_is_rolled_back_by_the_standby() {
+    let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
+    let url = etcd.url();
+    let mut a = TestServer::start_with(BIN, &["--state", &url]);
+    let b_dir = tempfile::tempdir().expect("tmp");
+    let b = TestServer::start_on(BIN, &b_dir.path().join("data"), &["--state", &url]);
+    for s in [&a, &b] {
+        slipway_testkit::pack_hello(BIN, s, "hello:1", "1");
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let v1 = dir.path().join("v1.toml");
+    std::fs::write(&v1, spec(port)).expect("spec");
+    assert_eq!(cli(BIN, &a, &["deploy", &v1.display().to_string()]).0, 0);
+    // Revision 2 starts instances that take 4 s to listen: the leader dies mid-rollout.
+    let v2 = dir.path().join("v2.toml");
+    std::fs::write(&v2, spec(port) + "[env]\nHELLO_START_DELAY_MS = \"4000\"\n").expect("spec");
+    let (code, _, err) = cli(BIN, &a, &["deploy", "--detach", &v2.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    poll(Duration::from_secs(10), || {
+        let st = a.get("/api/v1/services/web").json();
+        st["instances"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|x| x["revision"] == 2))
+            .then_some(())
+    })
+    .expect("revision 2 started an instance");
+    let killed = std::time::Instant::now();
+    assert!(!a.signal_and_wait("KILL").success());
+    let st = poll(Duration::from_secs(30), || {
+        let r = b.get("/api/v1/services/web");
+        let st = (r.status == 200).then(|| r.json())?;
+        let insts = st["instances"].as_array().cloned().unwrap_or_default();
+        (st["active"] == 1 && insts.len() == 2 && insts.iter().all(|i| i["revision"] == 1))
+            .then_some(st)
+    })
+    .expect("the standby rolled revision 2 back and runs revision 1");
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "{took:?}: lease TTL 5 s + 5 s"
+    );
+    assert_eq!(st["revisions"][1]["status"], "rolled-back", "{st}");
+    assert!(
+        poll(Duration::from_secs(10), || http_get(port, "/")
+            .filter(|r| r.status == 200))
+        .is_some(),
+        "serving"
+    );
+    assert_eq!(cli(BIN, &b, &["service", "rm", "web"]).0, 0);
+    let a_again = TestServer::start_on(BIN, &a.data, &[]);
+    for c in a_again
+        .get("/api/v1/containers")
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let name = c["name"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(cli(BIN, &a_again, &["rm", "-f", &name]).0, 0, "rm {name}");
+    }
+}
+
+#[test]
+fn after_an_etcd_restart_the_leader_keeps_leading_and_nothing_is_lost() {
+    let mut etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
+    let s = TestServer::start_with(BIN, &["--state", &etcd.url()]);
+    slipway_testkit::pack_hello(BIN, &s, "hello:1", "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("web.toml");
+    let port = free_port();
+    std::fs::write(&file, spec(port)).expect("spec");
+    assert_eq!(cli(BIN, &s, &["deploy", &file.display().to_string()]).0, 0);
+    assert!(etcd.restart(), "etcd restarts");
+    // The service is still there and still serves; a change goes through.
+    let r = s.get("/api/v1/services/web");
+    assert_eq!(r.status, 200, "the leader still leads");
+    assert!(http_get(port, "/").is_some_and(|r| r.status == 200));
+    let (code, out, err) = poll(Duration::from_secs(20), || {
+        let r = cli(BIN, &s, &["scale", "web", "3"]);
+        (r.0 == 0).then_some(r)
+    })
+    .unwrap_or_else(|| cli(BIN, &s, &["scale", "web", "3"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let st = poll(Duration::from_secs(20), || {
+        let st = s.get("/api/v1/services/web").json();
+        (st["instances"].as_array().map(Vec::len) == Some(3)).then_some(st)
+    })
+    .expect("scaled to 3 after the restart");
+    assert!(etcd_keys(&etcd).contains("/slipway/"), "{st}");
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
