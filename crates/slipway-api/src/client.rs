@@ -591,6 +591,32 @@ impl Client {
             .await
     }
 
+    /// The nodes.
+    pub async fn nodes(&self) -> Result<Vec<crate::nodes::NodeInfo>, ClientError> {
+        self.call(Method::GET, "/api/v1/nodes", None::<&()>).await
+    }
+
+    /// Cordons (`cordon = true`) or uncordons a node.
+    pub async fn cordon(
+        &self,
+        name: &str,
+        cordon: bool,
+    ) -> Result<crate::nodes::NodeInfo, ClientError> {
+        let verb = if cordon { "cordon" } else { "uncordon" };
+        self.call(
+            Method::POST,
+            &format!("/api/v1/nodes/{}/{verb}", seg(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Forgets a node that is down.
+    pub async fn remove_node(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &format!("/api/v1/nodes/{}", seg(name)))
+            .await
+    }
+
     /// Audit log entries; `query` is a query string (`since_ms=…&principal=…`).
     pub async fn audit(&self, query: &str) -> Result<Vec<crate::AuditEntry>, ClientError> {
         self.call(Method::GET, &format!("/api/v1/audit?{query}"), None::<&()>)

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod containers;
 pub mod error;
+pub mod nodes;
 pub mod services;
 
 pub use auth::AuditEntry;

@@ -238,6 +238,20 @@ pub(crate) fn classify(
             format!("secret:{}", rest.first().copied().unwrap_or("?")),
         ),
         (["audit"], _) => op(Need::Admin, None, String::new()),
+        (["nodes"], _) => op(Need::Authenticated, None, String::new()),
+        (["nodes", name], m) if m == Method::DELETE => {
+            op(Need::Admin, Some("node.rm"), format!("node:{name}"))
+        }
+        (["nodes", _], _) => op(Need::Admin, None, String::new()),
+        (["nodes", name, verb], _) => op(
+            Need::Admin,
+            Some(if *verb == "uncordon" {
+                "node.uncordon"
+            } else {
+                "node.cordon"
+            }),
+            format!("node:{name}"),
+        ),
         _ if read => op(Need::Authenticated, None, String::new()),
         _ => op(Need::Authenticated, None, String::new()),
     }

@@ -274,6 +274,10 @@ pub struct Overrides {
     pub insecure_no_auth: bool,
     /// `--state etcd://HOST:PORT[,HOST:PORT…]`
     pub state: Option<String>,
+    /// `--node-name` (default: the host name)
+    pub node_name: Option<String>,
+    /// `--node-labels k=v,…`
+    pub node_labels: Option<String>,
 }
 
 /// The resolved, validated settings `slipway serve` runs with.
@@ -310,6 +314,10 @@ pub struct Settings {
     /// etcd endpoints (`http://host:port`) holding the control-plane state;
     /// empty: the embedded store under the data directory.
     pub state_endpoints: Vec<String>,
+    /// This node's name.
+    pub node_name: String,
+    /// This node's labels.
+    pub node_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -538,7 +546,48 @@ impl Settings {
             Some(url) => slipway_etcd::parse_endpoints(url).map_err(|e| invalid("--state", e))?,
             None => Vec::new(),
         };
+        let node_name = match &o.node_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_ascii_lowercase())
+                .unwrap_or_else(|_| "local".to_owned()),
+        };
+        if !slipway_core::placement::valid_label(&node_name) {
+            return Err(invalid(
+                "--node-name",
+                format!(
+                    "{node_name:?} must be 1-63 characters of letters, digits, '.', '_', '-' or '/'"
+                ),
+            ));
+        }
+        let mut node_labels = std::collections::BTreeMap::new();
+        for kv in o
+            .node_labels
+            .iter()
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|kv| !kv.is_empty())
+        {
+            match kv.split_once('=') {
+                Some((k, v))
+                    if slipway_core::placement::valid_label(k.trim())
+                        && slipway_core::placement::valid_label(v.trim()) =>
+                {
+                    node_labels.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+                _ => {
+                    return Err(invalid(
+                        "--node-labels",
+                        format!(
+                            "{kv:?} is not a label: write key=value[,key=value...], e.g. zone=a,disk=ssd"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Self {
+            node_name,
+            node_labels,
             state_endpoints,
             auth,
             metrics_public: file.auth.metrics_public,

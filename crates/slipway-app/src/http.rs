@@ -20,6 +20,7 @@ pub(crate) struct AppState {
     pub registry: Registry,
     pub runtime: Arc<slipway_runtime::Runtime>,
     pub services: Arc<crate::services::Services>,
+    pub nodes: Arc<crate::nodes::Nodes>,
     pub metrics: Arc<AppMetrics>,
     /// The one metrics registry `/metrics` renders.
     pub prometheus: Arc<prometheus_client::registry::Registry>,
@@ -36,6 +37,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .merge(crate::containers::router(state.runtime.clone()))
         .merge(crate::services::router(state.services.clone()))
+        .merge(crate::nodes::router(
+            state.nodes.clone(),
+            state.services.clone(),
+        ))
         .merge(crate::auth::router(state.gate.clone()))
         .merge(crate::auth::secrets_router(
             state.gate.clone(),

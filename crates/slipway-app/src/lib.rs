@@ -15,6 +15,7 @@ pub mod config;
 mod containers;
 mod http;
 mod metrics;
+mod nodes;
 mod peer;
 mod server;
 mod services;

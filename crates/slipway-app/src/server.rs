@@ -99,6 +99,20 @@ pub async fn serve(
     let (state, etcd) =
         crate::services::Services::state_store(&settings.data_dir, &settings.state_endpoints)
             .await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => settings.node_name.clone(),
+        ip => ip.to_string(),
+    };
+    let nodes = crate::nodes::Nodes::register(
+        state.clone(),
+        &settings.node_name,
+        host,
+        settings.node_labels.clone(),
+        etcd.is_some(),
+        stop_rx.clone(),
+    )
+    .await?;
     let services = crate::services::Services::open(
         state,
         runtime.clone(),
@@ -160,6 +174,7 @@ pub async fn serve(
         Arc::new(metrics.registry(registry.metrics(), store.clone(), services.clone()));
     let state = AppState {
         gate,
+        nodes,
         services: services.clone(),
         runtime: runtime.clone(),
         registry,
@@ -178,7 +193,6 @@ pub async fn serve(
         },
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
     background.spawn(tasks::purge_loop(
         store.clone(),

@@ -130,6 +130,9 @@ enum Command {
     /// Secrets for services: set (value from stdin), ls, rm.
     #[command(subcommand)]
     Secret(commands::auth::SecretCommand),
+    /// Nodes: ls, cordon, uncordon, rm.
+    #[command(subcommand)]
+    Node(commands::nodes::NodeCommand),
     /// TLS for the listener.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -185,6 +188,12 @@ struct ServeArgs {
     /// embedded store in the data directory.
     #[arg(long, env = "SLIPWAY_STATE", value_name = "URL")]
     state: Option<String>,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "SLIPWAY_NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's labels, for `[placement] constraints`: `zone=a,disk=ssd`.
+    #[arg(long, env = "SLIPWAY_NODE_LABELS", value_name = "K=V,...")]
+    node_labels: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -303,6 +312,9 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Secret(c) => commands::auth::secret(&client()?, c, format)
             .await
             .map(done)?,
+        Command::Node(c) => commands::nodes::run(&client()?, c, format)
+            .await
+            .map(done)?,
         Command::Tls(TlsCommand::Init(a)) => commands::tls::init(a).map(done)?,
     })
 }
@@ -351,6 +363,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tls_key: args.tls_key,
             insecure_no_auth: args.insecure_no_auth,
             state: args.state,
+            node_name: args.node_name,
+            node_labels: args.node_labels,
         },
     )?;
     let ready = args.ready_file;

@@ -241,3 +241,76 @@ fn after_an_etcd_restart_the_leader_keeps_leading_and_nothing_is_lost() {
     assert!(etcd_keys(&etcd).contains("/slipway/"), "{st}");
     assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }
+
+#[test]
+fn a_server_is_a_node_that_can_be_listed_cordoned_and_uncordoned() {
+    let s = TestServer::start_with(
+        BIN,
+        &["--node-name", "n1", "--node-labels", "zone=a,disk=ssd"],
+    );
+    let (code, out, err) = cli(BIN, &s, &["node", "ls", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let me = &list[0];
+    assert_eq!(
+        (me["name"].as_str(), me["status"].as_str()),
+        (Some("n1"), Some("ready"))
+    );
+    assert_eq!(me["labels"]["zone"], "a");
+    assert_eq!(me["this"], true);
+    assert!(me["cpus"].as_f64().is_some_and(|c| c >= 1.0), "{me}");
+    assert!(
+        me["memory_bytes"].as_u64().is_some_and(|m| m > 1 << 28),
+        "{me}"
+    );
+    let (code, out, _) = cli(BIN, &s, &["node", "cordon", "n1"]);
+    assert_eq!((code, out.contains("cordoned")), (0, true), "{out}");
+    assert_eq!(s.get("/api/v1/nodes").json()[0]["status"], "cordoned");
+    let (code, _, err) = cli(BIN, &s, &["node", "rm", "n1"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("stop it first"),
+        "a live node is not forgotten: {err}"
+    );
+    assert_eq!(cli(BIN, &s, &["node", "uncordon", "n1"]).0, 0);
+    assert_eq!(s.get("/api/v1/nodes").json()[0]["status"], "ready");
+    let (code, _, err) = cli(BIN, &s, &["node", "cordon", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no node named"), "{err}");
+    let (code, out, _) = cli(BIN, &s, &["node", "ls"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("n1 *") && out.contains("zone=a"), "{out}");
+}
+
+#[test]
+fn a_killed_control_planes_node_goes_down_and_can_then_be_removed() {
+    let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
+    let url = etcd.url();
+    let mut a = TestServer::start_with(BIN, &["--state", &url, "--node-name", "a"]);
+    let b_dir = tempfile::tempdir().expect("tmp");
+    let b = TestServer::start_on(
+        BIN,
+        &b_dir.path().join("data"),
+        &["--state", &url, "--node-name", "b"],
+    );
+    let status = |name: &str| {
+        b.get("/api/v1/nodes").json().as_array().and_then(|l| {
+            l.iter()
+                .find(|n| n["name"] == name)
+                .and_then(|n| n["status"].as_str().map(str::to_owned))
+        })
+    };
+    assert_eq!(
+        status("a").as_deref(),
+        Some("ready"),
+        "nodes see each other"
+    );
+    assert!(!a.signal_and_wait("KILL").success());
+    poll(Duration::from_secs(20), || {
+        (status("a").as_deref() == Some("down")).then_some(())
+    })
+    .expect("a goes down once its heartbeats stop");
+    assert_eq!(status("b").as_deref(), Some("ready"));
+    assert_eq!(cli(BIN, &b, &["node", "rm", "a"]).0, 0);
+    assert_eq!(status("a"), None, "forgotten");
+}

@@ -528,6 +528,29 @@ impl Services {
     }
 
     /// Stops every ingress; instances keep running for the next daemon.
+    /// What this control plane's services ask of its node: their instances (in
+    /// routing or being started) and those instances' cpus and memory limits.
+    pub(crate) fn usage(&self) -> crate::nodes::Usage {
+        let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+        let mut u = crate::nodes::Usage::default();
+        for e in entries {
+            let record = e.svc.record();
+            for i in &record.instances {
+                let Some(spec) = record.revision(i.revision).map(|r| &r.spec) else {
+                    continue;
+                };
+                u.instances += 1;
+                u.cpus += spec.cpus.unwrap_or(0.0);
+                u.memory_bytes += spec
+                    .memory
+                    .as_deref()
+                    .and_then(slipway_core::placement::parse_size)
+                    .unwrap_or(0);
+            }
+        }
+        u
+    }
+
     pub(crate) fn shutdown(&self) {
         let entries: Vec<Entry> = lock(&self.map).drain().map(|(_, e)| e).collect();
         for e in entries {

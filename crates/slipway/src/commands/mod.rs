@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod containers;
 pub mod image;
+pub mod nodes;
 pub mod services;
 pub mod tls;
 
