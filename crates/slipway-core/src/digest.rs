@@ -37,7 +37,6 @@ pub enum DigestError {
 }
 
 /// An incremental hasher for one [`Algorithm`].
-#[derive(Clone)]
 pub enum Hasher {
     /// SHA-256 state.
     Sha256(sha2::Sha256),

@@ -698,8 +698,10 @@ async fn stream_body(
     let task = tokio::task::spawn_blocking(move || {
         let mut w = writer;
         while let Some(batch) = rx.blocking_recv() {
-            if let Err(e) = w.write_batch(&batch) {
-                return (w, Err(RegistryError::from(e)));
+            for chunk in batch {
+                if let Err(e) = w.write(&chunk) {
+                    return (w, Err(RegistryError::from(e)));
+                }
             }
         }
         (w, Ok(()))

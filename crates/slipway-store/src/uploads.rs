@@ -46,9 +46,6 @@ pub struct UploadWriter {
     flushing: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Batches at least this large are hashed and written in parallel.
-const PARALLEL_MIN: usize = 256 << 10;
-
 /// Bytes between two early write-backs of a large upload.
 const FLUSH_EVERY: u64 = 32 << 20;
 
@@ -66,47 +63,6 @@ impl UploadWriter {
             h.update(data);
         }
         self.offset += data.len() as u64;
-        self.flush_early();
-        Ok(())
-    }
-
-    /// Appends `chunks` in order, hashing them. A batch of at least
-    /// [`PARALLEL_MIN`] bytes is hashed on a second thread while this one writes
-    /// it, so a push costs the longer of the two rather than their sum (hashing
-    /// is the larger: one core's SHA-256). On a failed write the file is cut back
-    /// and the hash state restored, so bytes and hash never disagree.
-    pub fn write_batch(&mut self, chunks: &[bytes::Bytes]) -> Result<()> {
-        let total: usize = chunks.iter().map(bytes::Bytes::len).sum();
-        let Some(hasher) = self.hasher.as_mut().filter(|_| total >= PARALLEL_MIN) else {
-            for c in chunks {
-                self.write(c)?;
-            }
-            return Ok(());
-        };
-        let before = hasher.clone();
-        let file = &mut self.file;
-        let written = std::thread::scope(|s| {
-            let hashing = s.spawn(|| {
-                for c in chunks {
-                    hasher.update(c);
-                }
-            });
-            let written = chunks.iter().try_for_each(|c| file.write_all(c));
-            // A panic in `update` cannot happen; if it did, the state is unknown.
-            (written, hashing.join().is_ok())
-        });
-        match written {
-            (Ok(()), true) => {}
-            (w, _) => {
-                let _ = self.file.set_len(self.offset);
-                self.hasher = Some(before);
-                let e = w
-                    .err()
-                    .unwrap_or_else(|| std::io::Error::other("hashing failed"));
-                return Err(StoreError::io("write upload", e));
-            }
-        }
-        self.offset += total as u64;
         self.flush_early();
         Ok(())
     }
