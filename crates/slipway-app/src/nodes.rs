@@ -225,18 +225,11 @@ impl Nodes {
         if updated.is_none() {
             return Err(not_found(name));
         }
-        let v = self
-            .state
-            .get(&key(name))
-            .await
-            .map_err(|e| unavailable(&e))?
-            .ok_or_else(|| not_found(name))?;
-        self.info(&v, slipway_core::now_ms(), usage)
-            .ok_or_else(|| not_found(name))
+        Ok(self.one(name, usage).await?.1)
     }
 
-    /// Forgets node `name`, which must be down.
-    pub(crate) async fn remove(&self, name: &str) -> Result<(), ApiError> {
+    /// Node `name` as stored (with its version) and as shown.
+    async fn one(&self, name: &str, usage: Usage) -> Result<(Versioned, NodeInfo), ApiError> {
         let v = self
             .state
             .get(&key(name))
@@ -244,8 +237,14 @@ impl Nodes {
             .map_err(|e| unavailable(&e))?
             .ok_or_else(|| not_found(name))?;
         let info = self
-            .info(&v, slipway_core::now_ms(), Usage::default())
+            .info(&v, slipway_core::now_ms(), usage)
             .ok_or_else(|| not_found(name))?;
+        Ok((v, info))
+    }
+
+    /// Forgets node `name`, which must be down.
+    pub(crate) async fn remove(&self, name: &str) -> Result<(), ApiError> {
+        let (v, info) = self.one(name, Usage::default()).await?;
         if info.status != NodeStatus::Down {
             return Err(ApiError::new(
                 ErrorKind::FailedPrecondition,

@@ -14,6 +14,15 @@ fn spec(port: u16) -> String {
     )
 }
 
+/// Deploys `web` (2 replicas of hello:1 on `port`) through `s`, asserting success.
+fn deploy_web(s: &TestServer, port: u16) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("web.toml");
+    std::fs::write(&file, spec(port)).expect("spec");
+    let (code, out, err) = cli(BIN, s, &["deploy", &file.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 fn etcd_keys(etcd: &Etcd) -> String {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -34,12 +43,8 @@ fn with_state_in_etcd_a_service_is_recorded_there_and_survives_a_crash_of_the_se
     let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
     let mut s = TestServer::start_with(BIN, &["--state", &etcd.url()]);
     slipway_testkit::pack_hello(BIN, &s, "hello:1", "1");
-    let dir = tempfile::tempdir().expect("tmp");
-    let file = dir.path().join("web.toml");
     let port = free_port();
-    std::fs::write(&file, spec(port)).expect("spec");
-    let (code, out, err) = cli(BIN, &s, &["deploy", &file.display().to_string()]);
-    assert_eq!(code, 0, "{out}{err}");
+    deploy_web(&s, port);
     assert!(
         etcd_keys(&etcd).contains("/slipway/"),
         "the service's record is in etcd: {:?}",
@@ -104,12 +109,8 @@ fn when_the_leading_control_plane_is_killed_a_standby_takes_over_its_services() 
     let url = etcd.url();
     let mut a = TestServer::start_with(BIN, &["--state", &url]);
     slipway_testkit::pack_hello(BIN, &a, "hello:1", "1");
-    let dir = tempfile::tempdir().expect("tmp");
-    let file = dir.path().join("web.toml");
     let port = free_port();
-    std::fs::write(&file, spec(port)).expect("spec");
-    let (code, out, err) = cli(BIN, &a, &["deploy", &file.display().to_string()]);
-    assert_eq!(code, 0, "{out}{err}");
+    deploy_web(&a, port);
 
     // A second control plane on the same etcd stands by: it answers, but not for
     // services, which the leader runs. (Registries are still per server: the
@@ -217,11 +218,8 @@ fn after_an_etcd_restart_the_leader_keeps_leading_and_nothing_is_lost() {
     let mut etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
     let s = TestServer::start_with(BIN, &["--state", &etcd.url()]);
     slipway_testkit::pack_hello(BIN, &s, "hello:1", "1");
-    let dir = tempfile::tempdir().expect("tmp");
-    let file = dir.path().join("web.toml");
     let port = free_port();
-    std::fs::write(&file, spec(port)).expect("spec");
-    assert_eq!(cli(BIN, &s, &["deploy", &file.display().to_string()]).0, 0);
+    deploy_web(&s, port);
     assert!(etcd.restart(), "etcd restarts");
     // The service is still there and still serves; a change goes through.
     let r = s.get("/api/v1/services/web");
