@@ -51,6 +51,36 @@ pub struct FileConfig {
     /// `[audit]`
     #[serde(default)]
     pub audit: AuditSection,
+    /// `[cluster]`
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: timings of control planes and nodes sharing etcd.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// The leader's etcd lease: a standby takes over within this after the
+    /// leader dies. Default 5s.
+    pub lease_ttl: Dur,
+    /// How often a node refreshes its heartbeat. Default 2s.
+    pub heartbeat_interval: Dur,
+    /// A node whose last heartbeat is older than this, plus the grace, is down.
+    /// Default 6s.
+    pub heartbeat_ttl: Dur,
+    /// Added to the heartbeat TTL before a node counts as down. Default 2s.
+    pub down_grace: Dur,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Dur(Duration::from_secs(5)),
+            heartbeat_interval: Dur(Duration::from_secs(2)),
+            heartbeat_ttl: Dur(Duration::from_secs(6)),
+            down_grace: Dur(Duration::from_secs(2)),
+        }
+    }
 }
 
 /// `[auth]`
@@ -318,6 +348,8 @@ pub struct Settings {
     pub node_name: String,
     /// This node's labels.
     pub node_labels: std::collections::BTreeMap<String, String>,
+    /// Control-plane and node timings.
+    pub cluster: ClusterSection,
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -585,7 +617,24 @@ impl Settings {
                 }
             }
         }
+        let c = file.cluster;
+        if c.lease_ttl.0 < Duration::from_secs(2) {
+            return Err(invalid(
+                "cluster.lease_ttl",
+                "must be at least 2s (etcd leases are whole seconds, renewed every third)".into(),
+            ));
+        }
+        if c.heartbeat_interval.0.is_zero() || c.heartbeat_ttl.0 <= c.heartbeat_interval.0 {
+            return Err(invalid(
+                "cluster.heartbeat_ttl",
+                format!(
+                    "must be longer than cluster.heartbeat_interval ({:?}), or one late heartbeat marks a node down",
+                    c.heartbeat_interval.0
+                ),
+            ));
+        }
         Ok(Self {
+            cluster: c,
             node_name,
             node_labels,
             state_endpoints,
@@ -660,5 +709,32 @@ max_attempts = 3
         let bad = FileConfig::parse("[[webhooks]]\nurl = \"ftp://x\"\n").expect("parses");
         let e = Settings::resolve(bad, Overrides::default()).expect_err("bad url");
         assert!(e.to_string().contains("webhooks[0].url"), "{e}");
+    }
+
+    #[test]
+    fn cluster_timings_default_and_are_checked_against_each_other() {
+        let s = Settings::resolve(FileConfig::default(), Overrides::default()).expect("valid");
+        assert_eq!(s.cluster.lease_ttl, Dur(Duration::from_secs(5)));
+        assert_eq!(s.cluster.heartbeat_ttl, Dur(Duration::from_secs(6)));
+        for (text, field) in [
+            ("[cluster]\nlease_ttl = \"1s\"\n", "cluster.lease_ttl"),
+            (
+                "[cluster]\nheartbeat_interval = \"5s\"\nheartbeat_ttl = \"4s\"\n",
+                "cluster.heartbeat_ttl",
+            ),
+        ] {
+            let file = FileConfig::parse(text).expect("parses");
+            let e = Settings::resolve(file, Overrides::default()).expect_err("refused");
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        let e = Settings::resolve(
+            FileConfig::default(),
+            Overrides {
+                node_labels: Some("zone=a,bad".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("bad label");
+        assert!(e.to_string().contains("--node-labels"), "{e}");
     }
 }

@@ -1,8 +1,9 @@
 //! The nodes: every `slipway serve` is one, recorded under `nodes/<name>` in the
 //! control plane's state store (its name, address, labels and capacity, whether it
 //! is cordoned, and its last heartbeat). With etcd the record is refreshed every
-//! [`NODE_HEARTBEAT`], and a node whose heartbeat is older than [`NODE_TTL`] is
-//! `down`; with the embedded store the only node is this process.
+//! `[cluster] heartbeat_interval`, and a node whose heartbeat is older than
+//! `heartbeat_ttl + down_grace` is `down`; with the embedded store the only node is
+//! this process.
 //!
 //! One owner per record: a node writes its own heartbeat; cordon, uncordon and
 //! removal are compare-and-swap writes on the same record, retried on a conflict
@@ -19,12 +20,6 @@ use slipway_core::ErrorKind;
 use tokio::sync::watch;
 
 use crate::api_error::ApiError;
-
-/// How often a node refreshes its heartbeat (with etcd).
-pub(crate) const NODE_HEARTBEAT: Duration = Duration::from_secs(2);
-/// A node whose last heartbeat is older than this is down (three missed
-/// heartbeats, plus a grace of 2 s).
-pub(crate) const NODE_TTL: Duration = Duration::from_secs(8);
 
 /// What is stored of a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +46,10 @@ pub(crate) struct Usage {
 pub(crate) struct Nodes {
     state: Arc<dyn StateStore>,
     name: String,
+    /// How often this node heartbeats.
+    interval: Duration,
+    /// A node whose last heartbeat is older than this is down.
+    down_after: Duration,
 }
 
 fn key(name: &str) -> String {
@@ -82,11 +81,14 @@ impl Nodes {
         address: String,
         labels: BTreeMap<String, String>,
         heartbeats: bool,
+        timing: crate::config::ClusterSection,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<Self>> {
         let nodes = Arc::new(Self {
             state,
             name: name.to_owned(),
+            interval: timing.heartbeat_interval.0,
+            down_after: timing.heartbeat_ttl.0 + timing.down_grace.0,
         });
         #[expect(clippy::cast_precision_loss, reason = "a core count")]
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -117,7 +119,7 @@ impl Nodes {
     async fn heartbeat(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                () = tokio::time::sleep(NODE_HEARTBEAT) => {}
+                () = tokio::time::sleep(self.interval) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             let beat = self
@@ -173,7 +175,7 @@ impl Nodes {
         } else {
             now.saturating_sub(r.heartbeat_ms)
         };
-        let down = u128::from(age) > NODE_TTL.as_millis();
+        let down = u128::from(age) > self.down_after.as_millis();
         let status = if down {
             NodeStatus::Down
         } else if r.cordoned {
@@ -252,7 +254,7 @@ impl Nodes {
                     "node {name} is {} (heartbeat {} ms ago): stop it first; a node is removed once it has been down for {} s",
                     info.status.as_str(),
                     info.heartbeat_age_ms,
-                    NODE_TTL.as_secs()
+                    self.down_after.as_secs()
                 ),
             ));
         }

@@ -110,6 +110,7 @@ pub async fn serve(
         host,
         settings.node_labels.clone(),
         etcd.is_some(),
+        settings.cluster,
         stop_rx.clone(),
     )
     .await?;
@@ -134,6 +135,7 @@ pub async fn serve(
         }
         Some(etcd) => Some(services.lead_then_recover(
             etcd,
+            settings.cluster.lease_ttl.0,
             format!("{addr} {}", std::process::id()),
             settings.data_dir.join("services"),
         )),

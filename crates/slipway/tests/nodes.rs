@@ -284,12 +284,24 @@ fn a_server_is_a_node_that_can_be_listed_cordoned_and_uncordoned() {
 fn a_killed_control_planes_node_goes_down_and_can_then_be_removed() {
     let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
     let url = etcd.url();
-    let mut a = TestServer::start_with(BIN, &["--state", &url, "--node-name", "a"]);
+    // Short heartbeats: down after 0.5 s + 1.5 s + 0.5 s of silence.
+    let cfg_dir = tempfile::tempdir().expect("tmp");
+    let cfg = cfg_dir.path().join("slipway.toml");
+    std::fs::write(
+        &cfg,
+        "[cluster]\nheartbeat_interval = \"500ms\"\nheartbeat_ttl = \"1500ms\"\ndown_grace = \"500ms\"\n",
+    )
+    .expect("config");
+    let cfg = cfg.display().to_string();
+    let mut a = TestServer::start_with(
+        BIN,
+        &["--state", &url, "--node-name", "a", "--config", &cfg],
+    );
     let b_dir = tempfile::tempdir().expect("tmp");
     let b = TestServer::start_on(
         BIN,
         &b_dir.path().join("data"),
-        &["--state", &url, "--node-name", "b"],
+        &["--state", &url, "--node-name", "b", "--config", &cfg],
     );
     let status = |name: &str| {
         b.get("/api/v1/nodes").json().as_array().and_then(|l| {

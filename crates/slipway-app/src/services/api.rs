@@ -62,7 +62,7 @@ async fn standby(
         slipway_core::ErrorKind::Unavailable,
         format!(
             "this control plane is a standby: another one leads the control planes on etcd; send service commands to it (a standby takes over within {}s if the leader dies)",
-            super::LEASE_TTL.as_secs()
+            s.lease_ttl().as_secs()
         ),
     )
     .into_response()

@@ -94,10 +94,6 @@ impl Hub {
     }
 }
 
-/// How long a control plane's leadership outlives its last keep-alive: a
-/// standby takes over within this after the leader dies.
-pub(crate) const LEASE_TTL: Duration = Duration::from_secs(5);
-
 /// All services of this daemon.
 pub(crate) struct Services {
     map: Mutex<HashMap<String, Entry>>,
@@ -115,6 +111,8 @@ pub(crate) struct Services {
     /// Whether this control plane runs the services (always, but for a standby
     /// of an etcd-backed control plane that another process leads).
     leading: std::sync::atomic::AtomicBool,
+    /// The leader's lease TTL, ms (for messages).
+    lease_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Services {
@@ -144,6 +142,7 @@ impl Services {
         Ok(Arc::new(Self {
             pool,
             leading: std::sync::atomic::AtomicBool::new(true),
+            lease_ms: std::sync::atomic::AtomicU64::new(5000),
             map: Mutex::default(),
             probes: Arc::new(Probes {
                 runtime: runtime.clone(),
@@ -186,6 +185,11 @@ impl Services {
         Ok((Arc::new(state.clone()), Some(state)))
     }
 
+    /// The leader's lease TTL: how soon a standby takes over.
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Whether this control plane runs the services now.
     pub(crate) fn is_leading(&self) -> bool {
         self.leading.load(std::sync::atomic::Ordering::Acquire)
@@ -204,16 +208,21 @@ impl Services {
     pub(crate) fn lead_then_recover(
         self: &Arc<Self>,
         etcd: slipway_etcd::EtcdState,
+        ttl: Duration,
         id: String,
         legacy_dir: std::path::PathBuf,
     ) -> tokio::sync::watch::Receiver<bool> {
         let (lost_tx, lost_rx) = tokio::sync::watch::channel(false);
         self.set_leading(false);
+        self.lease_ms.store(
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let this = self.clone();
         tokio::spawn(async move {
             tracing::info!("standby: campaigning to lead the control planes on etcd");
             let leader = loop {
-                match etcd.lead("control-plane", &id, LEASE_TTL).await {
+                match etcd.lead("control-plane", &id, ttl).await {
                     Ok(l) => break l,
                     Err(e) => {
                         tracing::warn!("campaign for leadership: {e}; retrying");
