@@ -23,6 +23,17 @@ fn deploy_web(s: &TestServer, port: u16) {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// A killed control plane's own containers outlive it, as containers do: its
+/// data directory, opened again alone, re-adopts them, and they are removed.
+fn remove_containers_left_in(data: &std::path::Path) {
+    let again = TestServer::start_on(BIN, data, &[]);
+    let containers = again.get("/api/v1/containers").json();
+    for c in containers.as_array().cloned().unwrap_or_default() {
+        let name = c["name"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(cli(BIN, &again, &["rm", "-f", &name]).0, 0, "rm {name}");
+    }
+}
+
 fn etcd_keys(etcd: &Etcd) -> String {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -138,15 +149,7 @@ fn when_the_leading_control_plane_is_killed_a_standby_takes_over_its_services() 
     );
     assert_eq!(st["revisions"][0]["status"], "active", "{st}");
     assert_eq!(cli(BIN, &b, &["service", "rm", "web"]).0, 0);
-
-    // The dead leader's own containers outlived it, as containers do: its data
-    // directory, opened again alone, re-adopts them, and they are removed.
-    let a_again = TestServer::start_on(BIN, &a.data, &[]);
-    let containers = a_again.get("/api/v1/containers").json();
-    for c in containers.as_array().cloned().unwrap_or_default() {
-        let name = c["name"].as_str().unwrap_or_default().to_owned();
-        assert_eq!(cli(BIN, &a_again, &["rm", "-f", &name]).0, 0, "rm {name}");
-    }
+    remove_containers_left_in(&a.data);
 }
 
 #[test]
@@ -200,17 +203,7 @@ fn a_rollout_left_by_a_killed_leader_is_rolled_back_by_the_standby() {
         "serving"
     );
     assert_eq!(cli(BIN, &b, &["service", "rm", "web"]).0, 0);
-    let a_again = TestServer::start_on(BIN, &a.data, &[]);
-    for c in a_again
-        .get("/api/v1/containers")
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
-        let name = c["name"].as_str().unwrap_or_default().to_owned();
-        assert_eq!(cli(BIN, &a_again, &["rm", "-f", &name]).0, 0, "rm {name}");
-    }
+    remove_containers_left_in(&a.data);
 }
 
 #[test]
