@@ -34,12 +34,11 @@ struct NodeRecord {
     heartbeat_ms: u64,
 }
 
-/// What this node's services ask of it: instances, cores, memory bytes.
+/// What this node's services ask of it: their instances, and what those ask for.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Usage {
     pub(crate) instances: u32,
-    pub(crate) cpus: f64,
-    pub(crate) memory_bytes: u64,
+    pub(crate) asked: slipway_controller::schedule::Resources,
 }
 
 /// The nodes, from the state store; this process's own among them.
@@ -190,8 +189,9 @@ impl Nodes {
             labels: r.labels,
             cpus: r.cpus,
             memory_bytes: r.memory_bytes,
-            allocated_cpus: usage.cpus,
-            allocated_memory_bytes: usage.memory_bytes,
+            #[expect(clippy::cast_precision_loss, reason = "thousandths of a core")]
+            allocated_cpus: usage.asked.millicpu as f64 / 1000.0,
+            allocated_memory_bytes: usage.asked.memory,
             instances: usage.instances,
             status,
             heartbeat_age_ms: age,

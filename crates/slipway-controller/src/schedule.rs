@@ -152,15 +152,19 @@ impl Scheduler {
     }
 
     fn add(&mut self, service: &str, i: usize, r: Resources) {
-        let n = &mut self.nodes[i];
-        n.allocated.millicpu += r.millicpu;
-        n.allocated.memory += r.memory;
+        self.allocate(i, r);
         let len = self.nodes.len();
         let counts = self
             .per_service
             .entry(service.to_owned())
             .or_insert_with(|| vec![0; len]);
         counts[i] += 1;
+    }
+
+    fn allocate(&mut self, i: usize, r: Resources) {
+        let n = &mut self.nodes[i];
+        n.allocated.millicpu += r.millicpu;
+        n.allocated.memory += r.memory;
     }
 
     /// Places one instance of `demand`; the node's name, or why it fits nowhere.
@@ -190,12 +194,14 @@ impl Scheduler {
                     .all(|c| c.matches(n.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
             })
             .collect();
+        // The service's replicas per node, taken out of the map for the whole
+        // batch (no lookup per placement) and put back at the end.
+        let mut counts = self
+            .per_service
+            .remove(&demand.service)
+            .unwrap_or_else(|| vec![0; len]);
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
-            let counts = self
-                .per_service
-                .entry(demand.service.clone())
-                .or_insert_with(|| vec![0; len]);
             let mut best: Option<(usize, (u32, u64))> = None;
             let mut refused = Refusals::default();
             for (i, node) in self.nodes.iter().enumerate() {
@@ -233,13 +239,14 @@ impl Scheduler {
             }
             match best {
                 Some((i, _)) => {
-                    let name = self.nodes[i].name.clone();
-                    self.add(&demand.service, i, demand.resources);
-                    out.push(Ok(name));
+                    self.allocate(i, demand.resources);
+                    counts[i] += 1;
+                    out.push(Ok(self.nodes[i].name.clone()));
                 }
                 None => out.push(Err(Unplaceable(refused.reason(len, demand)))),
             }
         }
+        self.per_service.insert(demand.service.clone(), counts);
         out
     }
 }

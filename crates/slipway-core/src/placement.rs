@@ -104,6 +104,14 @@ impl std::fmt::Display for Constraint {
     }
 }
 
+/// Parses a memory limit (`64m`, `1g`, bytes…) of at least 4 MiB; the error says
+/// what to write instead.
+pub fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    parse_size(s).filter(|b| *b >= 4 << 20).ok_or_else(|| {
+        format!("{s:?} is not a size; use bytes or a number with k, m or g (e.g. 64m), at least 4m")
+    })
+}
+
 /// Parses `64m`, `1g`, `512k`, `1048576` (bytes, optionally with `b`) into bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let t = s.trim().to_ascii_lowercase();

@@ -508,15 +508,12 @@ impl ServiceSpec {
         if self.stop_timeout.0 > Duration::from_secs(3600) {
             return Err(invalid("stop_timeout", "must be at most 1h"));
         }
-        if let Some(m) = &self.memory
-            && crate::placement::parse_size(m).is_none_or(|b| b < 4 << 20)
+        if let Some(Err(e)) = self
+            .memory
+            .as_deref()
+            .map(crate::placement::parse_memory_limit)
         {
-            return Err(invalid(
-                "memory",
-                format!(
-                    "{m:?} is not a size; use bytes or a number with k, m or g (e.g. 64m), at least 4m"
-                ),
-            ));
+            return Err(invalid("memory", e));
         }
         if let Err(e) = self.placement.parsed_constraints() {
             return Err(invalid("placement.constraints", e));

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, LeaderKey};
+use etcd_client::LeaderKey;
 use slipway_controller::state::StateError;
 use tokio::sync::watch;
 
@@ -38,11 +38,8 @@ impl Leader {
         self.lease
     }
 
-    /// The comparison that holds only while this leadership does.
-    pub(crate) fn fence(&self) -> Compare {
-        Compare::create_revision(self.key.key().to_vec(), CompareOp::Equal, self.key.rev())
-    }
-
+    /// The leader key and its `create_revision`: a write comparing them holds
+    /// only while this leadership does.
     pub(crate) fn fence_key(&self) -> (Vec<u8>, i64) {
         (self.key.key().to_vec(), self.key.rev())
     }

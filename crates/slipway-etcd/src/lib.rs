@@ -54,22 +54,19 @@ pub(crate) fn unavailable(e: &etcd_client::Error) -> StateError {
 /// Parses `etcd://HOST:PORT[,HOST:PORT…]` (or bare `HOST:PORT,…`) into endpoints.
 pub fn parse_endpoints(url: &str) -> Result<Vec<String>, String> {
     let list = url.strip_prefix("etcd://").unwrap_or(url);
-    let endpoints: Vec<String> = list
+    let bad = || {
+        format!(
+            "{url:?} is not an etcd address: write etcd://HOST:PORT[,HOST:PORT...], e.g. etcd://127.0.0.1:2379"
+        )
+    };
+    let endpoints = list
         .split(',')
         .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(|e| format!("http://{e}"))
-        .collect();
-    if endpoints.is_empty()
-        || list.split(',').map(str::trim).any(|e| {
-            e.rsplit_once(':')
-                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        .map(|e| match e.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(format!("http://{e}")),
+            _ => Err(bad()),
         })
-    {
-        return Err(format!(
-            "{url:?} is not an etcd address: write etcd://HOST:PORT[,HOST:PORT...], e.g. etcd://127.0.0.1:2379"
-        ));
-    }
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(endpoints)
 }
 
@@ -114,26 +111,31 @@ impl EtcdState {
         key.strip_prefix(&self.namespace).unwrap_or(&key).to_owned()
     }
 
-    /// A transaction that writes `then` if `cmp` holds (and, while this store
-    /// leads, its leadership too); otherwise reads `key` (and the leader key) to
-    /// tell a conflict from a lost leadership.
+    /// A transaction that writes `then` if `key` is at version `expected`
+    /// (`None`: if it does not exist) and, while this store leads, its leadership
+    /// holds too; otherwise it reads `key` (and the leader key) in the same round
+    /// trip to tell a conflict from a lost leadership. The transaction's revision
+    /// on success.
     async fn guarded(
         &self,
         key: &str,
-        cmp: Compare,
+        expected: Option<u64>,
         then: TxnOp,
-    ) -> Result<Result<etcd_client::TxnResponse, Guarded>, StateError> {
+    ) -> Result<u64, StateError> {
         let k = self.key(key);
+        let mut when = vec![match expected {
+            None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+            Some(v) => Compare::mod_revision(k.clone(), CompareOp::Equal, revision(v)),
+        }];
+        let mut otherwise = vec![TxnOp::get(k, None)];
         let fence = self
             .leader
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
-            .map(|l| (l.fence(), l.fence_key()));
-        let mut when = vec![cmp];
-        let mut otherwise = vec![TxnOp::get(k, None)];
-        if let Some((c, (fk, _))) = &fence {
-            when.push(c.clone());
+            .map(|l| l.fence_key());
+        if let Some((fk, rev)) = &fence {
+            when.push(Compare::create_revision(fk.clone(), CompareOp::Equal, *rev));
             otherwise.push(TxnOp::get(fk.clone(), None));
         }
         let txn = Txn::new().when(when).and_then([then]).or_else(otherwise);
@@ -145,7 +147,7 @@ impl EtcdState {
             .map_err(|e| unavailable(&e))?;
         self.saw(resp.header());
         if resp.succeeded() {
-            return Ok(Ok(resp));
+            return Ok(version(resp.header().map_or(0, |h| h.revision())));
         }
         let gets: Vec<Option<(i64, i64)>> = resp
             .op_responses()
@@ -159,14 +161,18 @@ impl EtcdState {
                 _ => None,
             })
             .collect();
-        if let Some((_, (_, rev))) = fence
+        if let Some((_, rev)) = fence
             && gets.get(1).copied().flatten().map(|(_, created)| created) != Some(rev)
         {
-            return Ok(Err(Guarded::Fenced));
+            return Err(StateError::Fenced(format!(
+                "the write of {key} was refused: another control plane leads now"
+            )));
         }
-        Ok(Err(Guarded::Conflict(
-            gets.first().copied().flatten().map(|(m, _)| version(m)),
-        )))
+        Err(StateError::Conflict {
+            key: key.to_owned(),
+            expected,
+            found: gets.first().copied().flatten().map(|(m, _)| version(m)),
+        })
     }
 
     fn saw(&self, header: Option<&etcd_client::ResponseHeader>) {
@@ -182,20 +188,6 @@ fn version(rev: i64) -> u64 {
 
 fn revision(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Why a guarded write did not happen.
-enum Guarded {
-    /// The key was not at the expected version: what it is at, if it exists.
-    Conflict(Option<u64>),
-    /// Another process leads now.
-    Fenced,
-}
-
-fn fenced(key: &str) -> StateError {
-    StateError::Fenced(format!(
-        "the write of {key} was refused: another control plane leads now"
-    ))
 }
 
 #[async_trait]
@@ -240,35 +232,17 @@ impl StateStore for EtcdState {
         value: Vec<u8>,
         expected: Option<u64>,
     ) -> Result<u64, StateError> {
+        // The put is the transaction's only write: its revision is the key's.
         let k = self.key(key);
-        let cmp = match expected {
-            None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-            Some(v) => Compare::mod_revision(k.clone(), CompareOp::Equal, revision(v)),
-        };
-        match self.guarded(key, cmp, TxnOp::put(k, value, None)).await? {
-            // The put is the transaction's only write: its revision is the key's.
-            Ok(resp) => Ok(version(resp.header().map_or(0, |h| h.revision()))),
-            Err(Guarded::Fenced) => Err(fenced(key)),
-            Err(Guarded::Conflict(found)) => Err(StateError::Conflict {
-                key: key.to_owned(),
-                expected,
-                found,
-            }),
-        }
+        self.guarded(key, expected, TxnOp::put(k, value, None))
+            .await
     }
 
     async fn delete(&self, key: &str, expected: u64) -> Result<(), StateError> {
         let k = self.key(key);
-        let cmp = Compare::mod_revision(k.clone(), CompareOp::Equal, revision(expected));
-        match self.guarded(key, cmp, TxnOp::delete(k, None)).await? {
-            Ok(_) => Ok(()),
-            Err(Guarded::Fenced) => Err(fenced(key)),
-            Err(Guarded::Conflict(found)) => Err(StateError::Conflict {
-                key: key.to_owned(),
-                expected: Some(expected),
-                found,
-            }),
-        }
+        self.guarded(key, Some(expected), TxnOp::delete(k, None))
+            .await
+            .map(|_| ())
     }
 
     fn watch(&self, prefix: &str) -> mpsc::UnboundedReceiver<WatchEvent> {

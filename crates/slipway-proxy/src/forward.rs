@@ -189,24 +189,19 @@ impl Proxy {
         let named: Vec<&[u8]> = h
             .get_all(header::CONNECTION)
             .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
+            .flat_map(|v| list_tokens(v.as_bytes()))
             .collect();
         for (name, value) in h {
             let n = name.as_str().as_bytes();
+            // Forwarding headers are written below; kept bodies get their own
+            // length, streamed chunked ones none.
             if is_hop_by_hop(n)
                 || named.iter().any(|t| t.eq_ignore_ascii_case(n))
                 || name == header::EXPECT
                 || n == b"x-forwarded-proto"
+                || n == b"x-forwarded-for"
+                || (name == header::CONTENT_LENGTH && (kept.is_some() || !had_length))
             {
-                continue;
-            }
-            // Kept bodies get their own length; streamed chunked ones none.
-            if name == header::CONTENT_LENGTH && (kept.is_some() || !had_length) {
-                continue;
-            }
-            if n == b"x-forwarded-for" {
                 continue;
             }
             m.extend_from_slice(n);
@@ -274,16 +269,8 @@ impl Proxy {
                 },
             }
         };
-        let fresh = up.is_fresh();
-        match up.exchange(out).await {
-            Ok((parts, framing, keep_alive)) => Ok((parts, framing, keep_alive, up)),
-            Err(e) => Err(Failure {
-                unsent: !e.sent,
-                message: e.message,
-                answered: e.answered,
-                fresh,
-            }),
-        }
+        let (parts, framing, keep_alive) = up.exchange(out).await?;
+        Ok((parts, framing, keep_alive, up))
     }
 
     pub(crate) async fn upgrade(

@@ -83,16 +83,6 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// What a failed exchange tells the caller.
-pub(crate) struct ExchangeError {
-    /// Some bytes of the request were written.
-    pub(crate) sent: bool,
-    /// Some bytes of a response arrived: the backend answered, if badly, and
-    /// the request is not sent again.
-    pub(crate) answered: bool,
-    pub(crate) message: String,
-}
-
 impl Upstream {
     /// Opens a connection to `addr`.
     pub(crate) async fn connect(addr: SocketAddr) -> Result<Self, String> {
@@ -112,11 +102,6 @@ impl Upstream {
             buf: BytesMut::new(),
             served: 0,
         })
-    }
-
-    /// Whether this is a new connection (no answered request yet).
-    pub(crate) fn is_fresh(&self) -> bool {
-        self.served == 0
     }
 
     /// Whether an idle connection can take a request: the backend has neither
@@ -143,29 +128,26 @@ impl Upstream {
     pub(crate) async fn exchange(
         &mut self,
         out: &mut Outgoing,
-    ) -> Result<(http::response::Parts, Framing, bool), ExchangeError> {
+    ) -> Result<(http::response::Parts, Framing, bool), Failure> {
+        // A new connection (no answered request yet) that fails says the backend
+        // is failing; a pooled one may have lost a keep-alive race.
+        let fresh = self.served == 0;
+        let failed = |message, answered| Failure {
+            unsent: false,
+            message,
+            answered,
+            fresh,
+        };
         if let Err(e) = self.io.write_all(&out.message).await {
-            return Err(ExchangeError {
-                sent: true,
-                answered: false,
-                message: format!("writing the request: {e}"),
-            });
+            return Err(failed(format!("writing the request: {e}"), false));
         }
         if let Some(stream) = out.stream.as_mut() {
             self.send_body(stream)
                 .await
-                .map_err(|message| ExchangeError {
-                    sent: true,
-                    answered: false,
-                    message,
-                })?;
+                .map_err(|message| failed(message, false))?;
         }
         let head = self.read_head(out.head_only).await;
-        head.map_err(|(message, answered)| ExchangeError {
-            sent: true,
-            answered,
-            message,
-        })
+        head.map_err(|(message, answered)| failed(message, answered))
     }
 
     async fn send_body(&mut self, stream: &mut StreamBody) -> Result<(), String> {
@@ -227,7 +209,6 @@ impl Upstream {
                     return Err(("the response head is too large".into(), true));
                 }
             }
-            self.buf.reserve(READ_CHUNK);
             match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
                 Ok(0) if self.buf.is_empty() => {
                     let msg = "the backend closed the connection without answering";
@@ -281,6 +262,14 @@ pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// The non-empty, trimmed elements of a comma-separated header value.
+pub(crate) fn list_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 fn parse_head(buf: &[u8], head_only: bool) -> Result<Parsed, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
@@ -307,23 +296,21 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Parsed, String> {
     for h in resp.headers.iter() {
         let n = h.name.as_bytes();
         if n.eq_ignore_ascii_case(b"connection") {
-            for t in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            for t in list_tokens(h.value) {
                 if t.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     close = false;
-                } else if !t.is_empty() {
+                } else {
                     named.push(t);
                 }
             }
         } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
             coded = true;
             // Chunked must be the last coding for the length to be known.
-            chunked = h
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            chunked = list_tokens(h.value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         } else if n.eq_ignore_ascii_case(b"content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
@@ -553,13 +540,11 @@ impl hyper::body::Body for UpstreamBody {
                         .min(up.buf.len());
                     let data = up.buf.split_to(n).freeze();
                     let left = left - n as u64;
-                    this.framing = if left == 0 {
-                        Framing::Done
-                    } else {
-                        Framing::Length(left)
-                    };
                     if left == 0 {
+                        this.framing = Framing::Done;
                         this.release();
+                    } else {
+                        this.framing = Framing::Length(left);
                     }
                     return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
                 }

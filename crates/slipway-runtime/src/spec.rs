@@ -4,20 +4,11 @@ use crate::RuntimeError;
 
 pub use slipway_api::containers::{RestartPolicy, RunRequest};
 
-/// Parses `64m`, `1g`, `512k`, `1048576` into bytes.
+/// Parses `64m`, `1g`, `512k`, `1048576` into bytes (at least 4 MiB).
 pub fn parse_memory(s: &str) -> Result<i64, RuntimeError> {
-    let err = || {
-        RuntimeError::InvalidSpec(format!(
-            "memory: {s:?} is not a size; use bytes or a number with k, m or g (e.g. 64m), at least 4m"
-        ))
-    };
-    let bytes = slipway_core::placement::parse_size(s)
-        .and_then(|b| i64::try_from(b).ok())
-        .ok_or_else(err)?;
-    if bytes < 4 << 20 {
-        return Err(err());
-    }
-    Ok(bytes)
+    slipway_core::placement::parse_memory_limit(s)
+        .and_then(|b| i64::try_from(b).map_err(|_| format!("{s:?} is too large")))
+        .map_err(|e| RuntimeError::InvalidSpec(format!("memory: {e}")))
 }
 
 /// Container names: `[a-z0-9][a-z0-9_.-]{0,62}`; they become directory names.

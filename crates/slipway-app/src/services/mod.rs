@@ -548,13 +548,11 @@ impl Services {
                 let Some(spec) = record.revision(i.revision).map(|r| &r.spec) else {
                     continue;
                 };
+                let r =
+                    slipway_controller::schedule::Resources::of(spec.cpus, spec.memory.as_deref());
                 u.instances += 1;
-                u.cpus += spec.cpus.unwrap_or(0.0);
-                u.memory_bytes += spec
-                    .memory
-                    .as_deref()
-                    .and_then(slipway_core::placement::parse_size)
-                    .unwrap_or(0);
+                u.asked.millicpu += r.millicpu;
+                u.asked.memory += r.memory;
             }
         }
         u
