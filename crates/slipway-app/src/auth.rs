@@ -43,6 +43,8 @@ pub(crate) struct Gate {
     tls: bool,
     listen: SocketAddr,
     pub audit: Arc<AuditLog>,
+    /// The cluster's join token: node agents pull images with it.
+    join_token: Option<Arc<str>>,
 }
 
 /// Marks requests of a connection from inside a Slipway container.
@@ -107,6 +109,10 @@ pub(crate) fn classify(
 ) -> Op {
     let read = matches!(*method, Method::GET | Method::HEAD);
     if path == "/auth/token" || path == "/auth/jwks.json" {
+        return op(Need::Open, None, String::new());
+    }
+    // The agent API, on a control plane's own node, checks the join token itself.
+    if path.starts_with("/agent/") {
         return op(Need::Open, None, String::new());
     }
     if path == "/metrics" {
@@ -239,6 +245,8 @@ pub(crate) fn classify(
         ),
         (["audit"], _) => op(Need::Admin, None, String::new()),
         (["nodes"], _) => op(Need::Authenticated, None, String::new()),
+        // An agent's heartbeat carries the join token, which its handler checks.
+        (["nodes", _, "heartbeat"], m) if m == Method::POST => op(Need::Open, None, String::new()),
         (["nodes", name], m) if m == Method::DELETE => {
             op(Need::Admin, Some("node.rm"), format!("node:{name}"))
         }
@@ -304,9 +312,38 @@ impl Gate {
             tls,
             listen,
             audit,
+            join_token: None,
         };
         g.refresh()?;
         Ok(g)
+    }
+
+    /// Lets node agents that present the cluster's join token pull any image.
+    pub(crate) fn with_join_token(mut self, token: Option<Arc<str>>) -> Self {
+        self.join_token = token;
+        self
+    }
+
+    /// The principal of a node agent, if `creds` is the join token.
+    fn node_agent(&self, creds: &Credentials) -> Option<Principal> {
+        let (Credentials::Bearer(t), Some(join)) = (creds, &self.join_token) else {
+            return None;
+        };
+        slipway_auth::opaque::same_secret(t, join).then(|| {
+            Principal::with_permissions(
+                "node-agent",
+                Via::ApiToken,
+                slipway_auth::policy::Permissions {
+                    admin: false,
+                    metrics: false,
+                    grants: vec![slipway_auth::policy::Grant {
+                        kind: Kind::Repository,
+                        glob: "*".into(),
+                        role: slipway_auth::policy::Role::Reader,
+                    }],
+                },
+            )
+        })
     }
 
     /// Re-derives whether authentication is on (after users change).
@@ -524,9 +561,11 @@ pub(crate) async fn gate(State(g): State<Arc<Gate>>, mut req: Request, next: Nex
             Some(Credentials::Basic { user, .. }) => user.clone(),
             _ => "bearer".into(),
         };
-        match creds {
-            None => g.auth.anonymous(),
-            Some(c) => match g.authenticate(c, peer).await {
+        let agent = creds.as_ref().and_then(|c| g.node_agent(c));
+        match (agent, creds) {
+            (Some(p), _) => p,
+            (None, None) => g.auth.anonymous(),
+            (None, Some(c)) => match g.authenticate(c, peer).await {
                 Ok(p) => p,
                 Err(e) => {
                     let why = match e {

@@ -63,12 +63,12 @@ pub struct ClusterSection {
     /// The leader's etcd lease: a standby takes over within this after the
     /// leader dies. Default 5s.
     pub lease_ttl: Dur,
-    /// How often a node refreshes its heartbeat. Default 2s.
+    /// How often a node refreshes its heartbeat. Default 1s.
     pub heartbeat_interval: Dur,
     /// A node whose last heartbeat is older than this, plus the grace, is down.
-    /// Default 6s.
+    /// Default 4s.
     pub heartbeat_ttl: Dur,
-    /// Added to the heartbeat TTL before a node counts as down. Default 2s.
+    /// Added to the heartbeat TTL before a node counts as down. Default 1s.
     pub down_grace: Dur,
 }
 
@@ -76,9 +76,9 @@ impl Default for ClusterSection {
     fn default() -> Self {
         Self {
             lease_ttl: Dur(Duration::from_secs(5)),
-            heartbeat_interval: Dur(Duration::from_secs(2)),
-            heartbeat_ttl: Dur(Duration::from_secs(6)),
-            down_grace: Dur(Duration::from_secs(2)),
+            heartbeat_interval: Dur(Duration::from_secs(1)),
+            heartbeat_ttl: Dur(Duration::from_secs(4)),
+            down_grace: Dur(Duration::from_secs(1)),
         }
     }
 }
@@ -308,6 +308,12 @@ pub struct Overrides {
     pub node_name: Option<String>,
     /// `--node-labels k=v,…`
     pub node_labels: Option<String>,
+    /// `--join-token`
+    pub join_token: Option<String>,
+    /// `--no-instances`
+    pub no_instances: bool,
+    /// `--advertise`
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 /// The resolved, validated settings `slipway serve` runs with.
@@ -350,6 +356,38 @@ pub struct Settings {
     pub node_labels: std::collections::BTreeMap<String, String>,
     /// Control-plane and node timings.
     pub cluster: ClusterSection,
+    /// The cluster's join token (agents' heartbeats and the agent API carry it).
+    pub join_token: Option<String>,
+    /// Whether this control plane's node runs instances.
+    pub run_instances: bool,
+    /// The address other machines reach this node's instances at.
+    pub advertise: Option<std::net::IpAddr>,
+}
+
+/// Parses a port range `FIRST-LAST`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    crate::services::parse_range(s)
+}
+
+/// Parses `key=value[,key=value…]` node labels.
+pub fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut labels = std::collections::BTreeMap::new();
+    for kv in s.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some((k, v))
+                if slipway_core::placement::valid_label(k.trim())
+                    && slipway_core::placement::valid_label(v.trim()) =>
+            {
+                labels.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+            _ => {
+                return Err(format!(
+                    "{kv:?} is not a label: write key=value[,key=value...], e.g. zone=a,disk=ssd"
+                ));
+            }
+        }
+    }
+    Ok(labels)
 }
 
 /// A configuration problem, naming the field and how to fix it.
@@ -592,31 +630,18 @@ impl Settings {
                 ),
             ));
         }
-        let mut node_labels = std::collections::BTreeMap::new();
-        for kv in o
-            .node_labels
-            .iter()
-            .flat_map(|l| l.split(','))
-            .map(str::trim)
-            .filter(|kv| !kv.is_empty())
-        {
-            match kv.split_once('=') {
-                Some((k, v))
-                    if slipway_core::placement::valid_label(k.trim())
-                        && slipway_core::placement::valid_label(v.trim()) =>
-                {
-                    node_labels.insert(k.trim().to_owned(), v.trim().to_owned());
-                }
-                _ => {
-                    return Err(invalid(
-                        "--node-labels",
-                        format!(
-                            "{kv:?} is not a label: write key=value[,key=value...], e.g. zone=a,disk=ssd"
-                        ),
-                    ));
-                }
+        let node_labels = parse_labels(o.node_labels.as_deref().unwrap_or(""))
+            .map_err(|e| invalid("--node-labels", e))?;
+        let join_token = match o.join_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.len() < 16 => {
+                return Err(invalid(
+                    "--join-token",
+                    "must be at least 16 characters: make one with `head -c 24 /dev/urandom | base64`".into(),
+                ));
             }
-        }
+            Some(t) => Some(t.to_owned()),
+        };
         let c = file.cluster;
         if c.lease_ttl.0 < Duration::from_secs(2) {
             return Err(invalid(
@@ -635,6 +660,9 @@ impl Settings {
         }
         Ok(Self {
             cluster: c,
+            join_token,
+            run_instances: !o.no_instances,
+            advertise: o.advertise,
             node_name,
             node_labels,
             state_endpoints,
@@ -715,7 +743,7 @@ max_attempts = 3
     fn cluster_timings_default_and_are_checked_against_each_other() {
         let s = Settings::resolve(FileConfig::default(), Overrides::default()).expect("valid");
         assert_eq!(s.cluster.lease_ttl, Dur(Duration::from_secs(5)));
-        assert_eq!(s.cluster.heartbeat_ttl, Dur(Duration::from_secs(6)));
+        assert_eq!(s.cluster.heartbeat_ttl, Dur(Duration::from_secs(4)));
         for (text, field) in [
             ("[cluster]\nlease_ttl = \"1s\"\n", "cluster.lease_ttl"),
             (

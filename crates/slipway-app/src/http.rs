@@ -27,6 +27,8 @@ pub(crate) struct AppState {
     pub gc: slipway_store::GcOptions,
     pub snapshot_gc: slipway_runtime::SnapshotGcOptions,
     pub gate: Arc<crate::auth::Gate>,
+    /// This node's agent API, with etcd and a join token.
+    pub agent: Option<crate::agent::AgentState>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -50,6 +52,10 @@ pub(crate) fn router(state: AppState) -> Router {
             "/api/v1/{*rest}",
             axum::routing::any(crate::api_error::not_found),
         );
+    let admin = match state.agent.clone() {
+        Some(agent) => admin.merge(crate::agent::router(agent)),
+        None => admin,
+    };
     // The registry router is a catch-all: it serves /v2 and answers every other
     // unknown path with OCI error JSON.
     admin

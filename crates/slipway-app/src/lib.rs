@@ -8,9 +8,11 @@
 //! wires concrete types together. It never prints to stdout or exits the process;
 //! that is the binary's job.
 
+mod agent;
 mod api_error;
 mod audit;
 mod auth;
+mod cluster;
 pub mod config;
 mod containers;
 mod http;
@@ -21,6 +23,7 @@ mod server;
 mod services;
 mod tasks;
 
+pub use agent::{AgentSettings, agent, parse_join};
 pub use server::serve;
 
 /// Initialises `tracing` on stderr. The filter comes from `SLIPWAY_LOG`, then

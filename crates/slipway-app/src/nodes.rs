@@ -32,6 +32,29 @@ struct NodeRecord {
     #[serde(default)]
     cordoned: bool,
     heartbeat_ms: u64,
+    /// Where its agent API listens (`host:port`); `None` for a control plane
+    /// that runs no agent API (no join token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api: Option<String>,
+    /// How many instance exits its agent has seen.
+    #[serde(default)]
+    exits: u64,
+}
+
+/// A node as the cluster's instances see it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NodeView {
+    pub(crate) name: String,
+    /// The address its instances are reached at.
+    pub(crate) address: String,
+    pub(crate) api: Option<String>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) cpus: f64,
+    pub(crate) memory_bytes: u64,
+    pub(crate) status: NodeStatus,
+    pub(crate) exits: u64,
+    /// This process.
+    pub(crate) this: bool,
 }
 
 /// What this node's services ask of it: their instances, and what those ask for.
@@ -41,10 +64,15 @@ pub(crate) struct Usage {
     pub(crate) asked: slipway_controller::schedule::Resources,
 }
 
+/// What the services ask of each node, by node name.
+pub(crate) type Usages = std::collections::HashMap<String, Usage>;
+
 /// The nodes, from the state store; this process's own among them.
 pub(crate) struct Nodes {
     state: Arc<dyn StateStore>,
     name: String,
+    /// The cluster's join token, which agents' heartbeats must carry.
+    join_token: Option<Arc<str>>,
     /// How often this node heartbeats.
     interval: Duration,
     /// A node whose last heartbeat is older than this is down.
@@ -60,7 +88,7 @@ fn unavailable(e: &StateError) -> ApiError {
 }
 
 /// Memory of this machine, from `/proc/meminfo`.
-fn memory_total() -> u64 {
+pub(crate) fn memory_total() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -74,32 +102,41 @@ fn memory_total() -> u64 {
 impl Nodes {
     /// Records this process as node `name` (keeping a cordon set earlier) and,
     /// when `heartbeats`, refreshes the record until `stop` fires.
+    #[expect(clippy::too_many_arguments, reason = "the node's whole identity")]
     pub(crate) async fn register(
         state: Arc<dyn StateStore>,
         name: &str,
         address: String,
+        api: Option<String>,
         labels: BTreeMap<String, String>,
         heartbeats: bool,
+        runs_instances: bool,
         timing: crate::config::ClusterSection,
+        join_token: Option<Arc<str>>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<Self>> {
         let nodes = Arc::new(Self {
             state,
+            join_token,
             name: name.to_owned(),
             interval: timing.heartbeat_interval.0,
             down_after: timing.heartbeat_ttl.0 + timing.down_grace.0,
         });
-        #[expect(clippy::cast_precision_loss, reason = "a core count")]
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let fresh = NodeRecord {
             name: name.to_owned(),
             address,
             labels,
-            cpus,
+            cpus: crate::agent::cpu_count(),
             memory_bytes: memory_total(),
             cordoned: false,
             heartbeat_ms: slipway_core::now_ms(),
+            api,
+            exits: 0,
         };
+        // A control plane that runs no instances is no node.
+        if !runs_instances {
+            return Ok(nodes);
+        }
         nodes
             .update(name, |old| {
                 Some(NodeRecord {
@@ -135,6 +172,87 @@ impl Nodes {
         }
     }
 
+    /// The name of this process's node.
+    pub(crate) fn this(&self) -> &str {
+        &self.name
+    }
+
+    /// Takes an agent's heartbeat: its record is written (created, or refreshed
+    /// keeping its cordon) with the time it arrived.
+    pub(crate) async fn beat(
+        &self,
+        name: &str,
+        beat: crate::agent::Beat,
+    ) -> Result<crate::agent::BeatReply, ApiError> {
+        if !slipway_core::placement::valid_label(name) || name.contains('/') || name == self.name {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{name:?} cannot name an agent's node: use lowercase letters, digits, '.', '-' and '_', and not a control plane's name"
+                ),
+            ));
+        }
+        let written = self
+            .update(name, |old| {
+                Some(NodeRecord {
+                    name: name.to_owned(),
+                    address: beat.address.clone(),
+                    labels: beat.labels.clone(),
+                    cpus: beat.cpus,
+                    memory_bytes: beat.memory_bytes,
+                    cordoned: old.is_some_and(|o| o.cordoned),
+                    heartbeat_ms: slipway_core::now_ms(),
+                    api: Some(beat.api.clone()),
+                    exits: beat.exits,
+                })
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(crate::agent::BeatReply {
+            cordoned: written.is_some_and(|r| r.cordoned),
+        })
+    }
+
+    /// Whether a request carries the cluster's join token.
+    fn joins(&self, headers: &http::HeaderMap) -> Result<(), ApiError> {
+        match &self.join_token {
+            None => Err(ApiError::new(
+                ErrorKind::FailedPrecondition,
+                "this control plane takes no agents: start it with --join-token (or [cluster] join_token) and give agents the same token",
+            )),
+            Some(t) if crate::agent::rpc::bearer_is(headers, t) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                ErrorKind::Unauthenticated,
+                "a node's heartbeat must carry the cluster's join token as a bearer token (slipway agent --token)",
+            )),
+        }
+    }
+
+    /// Every node as the cluster's instances see it.
+    pub(crate) async fn views(&self) -> Result<Vec<NodeView>, StateError> {
+        let now = slipway_core::now_ms();
+        let all = self.state.load_all("nodes/").await?;
+        Ok(all
+            .iter()
+            .filter_map(|v| {
+                let r: NodeRecord = serde_json::from_slice(&v.value).ok()?;
+                let this = r.name == self.name;
+                let (_, status) = self.age_status(&r, now);
+                Some(NodeView {
+                    name: r.name,
+                    address: r.address,
+                    api: r.api,
+                    labels: r.labels,
+                    cpus: r.cpus,
+                    memory_bytes: r.memory_bytes,
+                    status,
+                    exits: r.exits,
+                    this,
+                })
+            })
+            .collect())
+    }
+
     /// Reads a node's record, changes it with `f` (`None`: delete it), and writes
     /// it back with a compare-and-swap, again on a conflict.
     async fn update(
@@ -165,24 +283,29 @@ impl Nodes {
         }
     }
 
-    fn info(&self, v: &Versioned, now: u64, usage: Usage) -> Option<NodeInfo> {
-        let r: NodeRecord = serde_json::from_slice(&v.value).ok()?;
-        let this = r.name == self.name;
+    /// How long ago a node last heartbeat, and so its status.
+    fn age_status(&self, r: &NodeRecord, now: u64) -> (u64, NodeStatus) {
         // This process is alive whatever its record says (it may not heartbeat).
-        let age = if this {
+        let age = if r.name == self.name {
             0
         } else {
             now.saturating_sub(r.heartbeat_ms)
         };
-        let down = u128::from(age) > self.down_after.as_millis();
-        let status = if down {
+        let status = if u128::from(age) > self.down_after.as_millis() {
             NodeStatus::Down
         } else if r.cordoned {
             NodeStatus::Cordoned
         } else {
             NodeStatus::Ready
         };
-        let usage = if this { usage } else { Usage::default() };
+        (age, status)
+    }
+
+    fn info(&self, v: &Versioned, now: u64, usage: &Usages) -> Option<NodeInfo> {
+        let r: NodeRecord = serde_json::from_slice(&v.value).ok()?;
+        let this = r.name == self.name;
+        let (age, status) = self.age_status(&r, now);
+        let usage = usage.get(&r.name).copied().unwrap_or_default();
         Some(NodeInfo {
             name: r.name,
             address: r.address,
@@ -199,8 +322,8 @@ impl Nodes {
         })
     }
 
-    /// Every node, by name; `usage` is what this node's services ask for.
-    pub(crate) async fn list(&self, usage: Usage) -> Result<Vec<NodeInfo>, ApiError> {
+    /// Every node, by name; `usage` is what the services ask of each.
+    pub(crate) async fn list(&self, usage: &Usages) -> Result<Vec<NodeInfo>, ApiError> {
         let now = slipway_core::now_ms();
         let all = self
             .state
@@ -218,7 +341,7 @@ impl Nodes {
         &self,
         name: &str,
         cordoned: bool,
-        usage: Usage,
+        usage: &Usages,
     ) -> Result<NodeInfo, ApiError> {
         let updated = self
             .update(name, |old| old.map(|o| NodeRecord { cordoned, ..o }))
@@ -231,7 +354,7 @@ impl Nodes {
     }
 
     /// Node `name` as stored (with its version) and as shown.
-    async fn one(&self, name: &str, usage: Usage) -> Result<(Versioned, NodeInfo), ApiError> {
+    async fn one(&self, name: &str, usage: &Usages) -> Result<(Versioned, NodeInfo), ApiError> {
         let v = self
             .state
             .get(&key(name))
@@ -246,7 +369,7 @@ impl Nodes {
 
     /// Forgets node `name`, which must be down.
     pub(crate) async fn remove(&self, name: &str) -> Result<(), ApiError> {
-        let (v, info) = self.one(name, Usage::default()).await?;
+        let (v, info) = self.one(name, &Usages::new()).await?;
         if info.status != NodeStatus::Down {
             return Err(ApiError::new(
                 ErrorKind::FailedPrecondition,
@@ -285,7 +408,7 @@ pub(crate) fn router(nodes: Arc<Nodes>, services: Arc<crate::services::Services>
     use axum::extract::{Path, State};
     use axum::response::IntoResponse;
     async fn list(State(s): State<NodeRoutes>) -> axum::response::Response {
-        match s.nodes.list(s.services.usage()).await {
+        match s.nodes.list(&s.services.usage()).await {
             Ok(list) => axum::Json(list).into_response(),
             Err(e) => e.into_response(),
         }
@@ -307,7 +430,7 @@ pub(crate) fn router(nodes: Arc<Nodes>, services: Arc<crate::services::Services>
         };
         match s
             .nodes
-            .set_cordoned(&name, cordoned, s.services.usage())
+            .set_cordoned(&name, cordoned, &s.services.usage())
             .await
         {
             Ok(info) => axum::Json(info).into_response(),
@@ -323,7 +446,32 @@ pub(crate) fn router(nodes: Arc<Nodes>, services: Arc<crate::services::Services>
             Err(e) => e.into_response(),
         }
     }
+    async fn heartbeat(
+        State(s): State<NodeRoutes>,
+        Path(name): Path<String>,
+        headers: http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        if let Err(e) = s.nodes.joins(&headers) {
+            return e.into_response();
+        }
+        let beat: crate::agent::Beat = match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return ApiError::new(ErrorKind::InvalidArgument, format!("heartbeat: {e}"))
+                    .into_response();
+            }
+        };
+        match s.nodes.beat(&name, beat).await {
+            Ok(reply) => axum::Json(reply).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
     axum::Router::new()
+        .route(
+            "/api/v1/nodes/{name}/heartbeat",
+            axum::routing::post(heartbeat),
+        )
         .route("/api/v1/nodes", axum::routing::get(list))
         .route("/api/v1/nodes/{name}", axum::routing::delete(remove))
         .route("/api/v1/nodes/{name}/{verb}", axum::routing::post(cordon))

@@ -100,20 +100,34 @@ pub async fn serve(
         crate::services::Services::state_store(&settings.data_dir, &settings.state_endpoints)
             .await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let host = match addr.ip() {
-        ip if ip.is_unspecified() => settings.node_name.clone(),
-        ip => ip.to_string(),
-    };
+    // Where other machines reach this node: --advertise, else the listen address
+    // (loopback when it listens on every interface).
+    let advertise = settings.advertise.unwrap_or(match addr.ip() {
+        ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+        ip => ip,
+    });
+    let join_token: Option<Arc<str>> = settings.join_token.as_deref().map(Arc::from);
+    // With etcd and a join token this node serves the agent API, so whichever
+    // control plane leads can run instances on it.
+    let agent_api = (etcd.is_some() && join_token.is_some() && settings.run_instances)
+        .then(|| std::net::SocketAddr::new(advertise, port).to_string());
     let nodes = crate::nodes::Nodes::register(
         state.clone(),
         &settings.node_name,
-        host,
+        advertise.to_string(),
+        agent_api.clone(),
         settings.node_labels.clone(),
         etcd.is_some(),
+        settings.run_instances,
         settings.cluster,
+        join_token.clone(),
         stop_rx.clone(),
     )
     .await?;
+    let ports = Arc::new(crate::services::Ports::new(
+        settings.port_range.0,
+        settings.port_range.1,
+    ));
     let services = crate::services::Services::open(
         state,
         runtime.clone(),
@@ -123,9 +137,22 @@ pub async fn serve(
             format!("localhost:{port}"),
             format!("127.0.0.1:{port}"),
         ],
-        crate::services::Ports::new(settings.port_range.0, settings.port_range.1),
+        ports.clone(),
         Arc::new(crate::auth::AuthSecrets(auth.clone())),
+        &settings.node_name,
+        etcd.is_some().then(|| (nodes.clone(), join_token.clone())),
     )?;
+    if let Some(cluster) = services.cluster() {
+        cluster.monitor(stop_rx.clone());
+    }
+    let agent = match (&agent_api, &join_token) {
+        (Some(_), Some(token)) => Some(crate::agent::AgentState {
+            runtime: runtime.clone(),
+            ports,
+            token: token.clone(),
+        }),
+        _ => None,
+    };
     // With etcd, only the leader of the control planes runs the services; the
     // others are standbys that take over within the lease TTL.
     let mut leadership_lost = match etcd {
@@ -148,15 +175,18 @@ pub async fn serve(
         )
         .context("cannot open the audit log")?,
     );
-    let gate = Arc::new(crate::auth::Gate::new(
-        auth,
-        audit,
-        addr,
-        settings.insecure_no_auth,
-        settings.metrics_public,
-        settings.realm.clone(),
-        tls.is_some(),
-    )?);
+    let gate = Arc::new(
+        crate::auth::Gate::new(
+            auth,
+            audit,
+            addr,
+            settings.insecure_no_auth,
+            settings.metrics_public,
+            settings.realm.clone(),
+            tls.is_some(),
+        )?
+        .with_join_token(join_token.clone()),
+    );
     if settings.insecure_no_auth {
         tracing::warn!(
             "--insecure-no-auth: authentication is OFF; anyone who can reach {addr} can push, deploy and run containers as root"
@@ -175,6 +205,7 @@ pub async fn serve(
     let prometheus =
         Arc::new(metrics.registry(registry.metrics(), store.clone(), services.clone()));
     let state = AppState {
+        agent,
         gate,
         nodes,
         services: services.clone(),

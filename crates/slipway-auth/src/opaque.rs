@@ -87,6 +87,15 @@ pub fn verify(secret: &str, stored: &str) -> bool {
         .into()
 }
 
+/// Whether two shared secrets (a cluster's join token) are equal, in constant
+/// time whatever their lengths.
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    hash_secret(given)
+        .as_bytes()
+        .ct_eq(hash_secret(expected).as_bytes())
+        .into()
+}
+
 /// A random identifier for JWT ids and the like.
 pub fn random_id() -> String {
     hex::encode(random_bytes(12))

@@ -77,6 +77,9 @@ pub struct InstanceSpec {
     pub cap_drop: Vec<String>,
     /// Run in a user namespace.
     pub userns: bool,
+    /// Where it may run (nodes, spread or binpack), when there are several nodes.
+    #[serde(default)]
+    pub placement: slipway_core::placement::Placement,
 }
 
 impl InstanceSpec {
@@ -113,12 +116,14 @@ impl InstanceSpec {
             cap_add: spec.cap_add.clone(),
             cap_drop: spec.cap_drop.clone(),
             userns: spec.userns,
+            placement: spec.placement.clone(),
         }
     }
 }
 
 /// Why an instance could not be started or reached.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "message")]
 pub enum InstanceError {
     /// No room: ports, memory, cpu or disk.
     #[error("no capacity: {0}")]

@@ -92,6 +92,11 @@ impl RemoteSource {
     pub fn new(host: &str) -> Self {
         Self(RegistryClient::new(host))
     }
+
+    /// The registry at `host`, sending `Authorization: Bearer TOKEN`.
+    pub fn with_token(host: &str, token: Option<String>) -> Self {
+        Self(RegistryClient::new(host).with_token(token))
+    }
 }
 
 #[async_trait]

@@ -63,6 +63,8 @@ fn exit_codes_help() -> String {
 enum Command {
     /// Run the registry, the runtime and the deployment engine.
     Serve(ServeArgs),
+    /// Run a node agent: instances on this machine for the control planes.
+    Agent(AgentArgs),
     /// Services: deploy, ls, status, history, rollback, scale, pause, resume,
     /// promote, abort, rm, logs.
     #[command(subcommand)]
@@ -194,6 +196,55 @@ struct ServeArgs {
     /// This node's labels, for `[placement] constraints`: `zone=a,disk=ssd`.
     #[arg(long, env = "SLIPWAY_NODE_LABELS", value_name = "K=V,...")]
     node_labels: Option<String>,
+    /// The cluster's shared secret (at least 16 characters): agents join with
+    /// it and control planes call agents with it. With --state only.
+    #[arg(long, env = "SLIPWAY_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Run no instances on this control plane's machine (agents run them).
+    #[arg(long)]
+    no_instances: bool,
+    /// The address other machines reach this node's instances at (default:
+    /// the listen address).
+    #[arg(long, env = "SLIPWAY_ADVERTISE", value_name = "IP")]
+    advertise: Option<std::net::IpAddr>,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The control planes: `http://HOST:PORT[,http://HOST:PORT...]`.
+    #[arg(long, env = "SLIPWAY_JOIN", value_name = "URL")]
+    join: String,
+    /// The cluster's join token (`slipway serve --join-token`).
+    #[arg(long, env = "SLIPWAY_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "SLIPWAY_NODE_NAME")]
+    name: Option<String>,
+    /// The address control planes and proxies reach this node at.
+    #[arg(long, env = "SLIPWAY_ADVERTISE", value_name = "IP")]
+    advertise: std::net::IpAddr,
+    /// Labels for `[placement] constraints`: `zone=a,disk=ssd`.
+    #[arg(long, env = "SLIPWAY_NODE_LABELS", value_name = "K=V,...")]
+    labels: Option<String>,
+    /// Where the agent API listens (default: 0.0.0.0:7480).
+    #[arg(long, env = "SLIPWAY_AGENT_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory (default /var/lib/slipway-agent).
+    #[arg(long, env = "SLIPWAY_DATA")]
+    data: Option<PathBuf>,
+    /// Ports handed to instances: FIRST-LAST (default 20000-29999).
+    #[arg(long, value_name = "FIRST-LAST")]
+    port_range: Option<String>,
+    /// The OCI runtime (default runc).
+    #[arg(long, env = "SLIPWAY_RUNTIME")]
+    runtime: Option<String>,
+    /// How often it heartbeats, e.g. 1s (the control planes' [cluster]
+    /// heartbeat_ttl must be longer).
+    #[arg(long, default_value = "1s")]
+    heartbeat_interval: String,
+    /// Once listening, write the bound address here.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -220,7 +271,7 @@ fn main() -> ExitCode {
     };
     slipway_app::init_tracing();
     // Client commands make a request or two: a single-threaded runtime starts faster.
-    let mut builder = if matches!(cli.command, Command::Serve(_)) {
+    let mut builder = if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
@@ -260,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
     let done = |()| Exit::Ok;
     Ok(match cli.command {
         Command::Serve(args) => serve(args).await.map(done)?,
+        Command::Agent(args) => agent(args).await.map(done)?,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file).map(done)?,
         Command::Gc { dry_run } => commands::gc(&client()?, dry_run, format).await.map(done)?,
         Command::Events { follow, service } => {
@@ -365,20 +417,88 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             state: args.state,
             node_name: args.node_name,
             node_labels: args.node_labels,
+            join_token: args.join_token,
+            no_instances: args.no_instances,
+            advertise: args.advertise,
         },
     )?;
     let ready = args.ready_file;
     slipway_app::serve(settings, shutdown_signal(), move |addr| {
-        if let Some(path) = ready {
-            // Written whole, then renamed: a reader never sees half an address.
-            let mut tmp = path.clone().into_os_string();
-            tmp.push(".tmp");
-            let written = std::fs::write(&tmp, format!("{addr}\n"))
-                .and_then(|()| std::fs::rename(&tmp, &path));
-            if let Err(e) = written {
-                eprintln!("error: cannot write --ready-file {}: {e}", path.display());
-            }
+        write_ready(ready.as_deref(), addr);
+    })
+    .await
+}
+
+/// Writes the bound address to `--ready-file`: whole, then renamed, so a reader
+/// never sees half an address.
+fn write_ready(path: Option<&std::path::Path>, addr: std::net::SocketAddr) {
+    let Some(path) = path else {
+        return;
+    };
+    let mut tmp = path.to_path_buf().into_os_string();
+    tmp.push(".tmp");
+    let written =
+        std::fs::write(&tmp, format!("{addr}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        eprintln!("error: cannot write --ready-file {}: {e}", path.display());
+    }
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let usage = |flag: &str, why: String| {
+        anyhow::Error::new(slipway_app::config::ConfigError::Invalid {
+            field: flag.to_owned(),
+            message: why,
+        })
+    };
+    let join = slipway_app::parse_join(&args.join).map_err(|e| usage("--join", e))?;
+    if args.token.trim().len() < 16 {
+        return Err(usage(
+            "--token",
+            "the join token has at least 16 characters: give the one the control planes run with (--join-token)".into(),
+        ));
+    }
+    let name = match args.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_ascii_lowercase())
+            .unwrap_or_else(|_| "node".to_owned()),
+    };
+    if !slipway_core::placement::valid_label(&name) || name.contains('/') {
+        return Err(usage(
+            "--name",
+            format!("{name:?} must be 1-63 characters of letters, digits, '.', '_' or '-'"),
+        ));
+    }
+    let labels = slipway_app::config::parse_labels(args.labels.as_deref().unwrap_or(""))
+        .map_err(|e| usage("--labels", e))?;
+    let port_range = match &args.port_range {
+        Some(r) => {
+            slipway_app::config::parse_port_range(r).map_err(|e| usage("--port-range", e))?
         }
+        None => (20000, 29999),
+    };
+    let heartbeat_interval = slipway_core::parse_duration(&args.heartbeat_interval)
+        .map_err(|e| usage("--heartbeat-interval", e.to_string()))?;
+    let settings = slipway_app::AgentSettings {
+        join,
+        token: args.token.trim().to_owned(),
+        name,
+        advertise: args.advertise,
+        labels,
+        listen: args
+            .listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 7480))),
+        data_dir: args
+            .data
+            .unwrap_or_else(|| PathBuf::from("/var/lib/slipway-agent")),
+        runtime_binary: args.runtime.unwrap_or_else(|| "runc".to_owned()),
+        port_range,
+        heartbeat_interval,
+    };
+    let ready = args.ready_file;
+    slipway_app::agent(settings, shutdown_signal(), move |addr| {
+        write_ready(ready.as_deref(), addr);
     })
     .await
 }

@@ -236,11 +236,26 @@ impl Instances for RuntimeInstances {
     }
 
     async fn list(&self, service: &str) -> Result<Vec<Instance>, InstanceError> {
-        Ok(self
-            .runtime
+        Ok(self.listed(Some(service)))
+    }
+}
+
+impl RuntimeInstances {
+    /// Every instance of every service on this node.
+    pub(crate) fn list_all(&self) -> Vec<Instance> {
+        self.listed(None)
+    }
+
+    fn listed(&self, service: Option<&str>) -> Vec<Instance> {
+        self.runtime
             .list()
             .into_iter()
-            .filter(|c| c.spec.labels.get(LABEL_SERVICE).map(String::as_str) == Some(service))
+            .filter(|c| {
+                c.spec
+                    .labels
+                    .get(LABEL_SERVICE)
+                    .is_some_and(|s| service.is_none_or(|want| s == want))
+            })
             .map(|c| Instance {
                 revision: c
                     .spec
@@ -251,11 +266,9 @@ impl Instances for RuntimeInstances {
                 addr: SocketAddr::from(([127, 0, 0, 1], c.spec.port.unwrap_or(0))),
                 id: c.name,
             })
-            .collect())
+            .collect()
     }
-}
 
-impl RuntimeInstances {
     /// Marks the ports of every service instance that exists as taken.
     pub(crate) fn adopt_ports(&self) {
         for c in self.runtime.list() {

@@ -25,10 +25,12 @@ use slipway_runtime::Runtime;
 use slipway_store::Store;
 use tokio::sync::broadcast;
 
-pub(crate) use adapters::{Ports, StoreSource, ephemeral_range, parse_range};
+pub(crate) use adapters::{
+    Ports, Probes, RuntimeInstances, StoreSource, ephemeral_range, parse_range,
+};
 pub(crate) use api::router;
 
-use adapters::{PlatformGate, Probes, ProxyTraffic, RuntimeInstances, StoreImages};
+use adapters::{PlatformGate, ProxyTraffic, StoreImages};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -98,8 +100,13 @@ impl Hub {
 pub(crate) struct Services {
     map: Mutex<HashMap<String, Entry>>,
     runtime: Arc<Runtime>,
-    instances: Arc<RuntimeInstances>,
-    probes: Arc<Probes>,
+    /// Instances: this node's runtime, or every node's with etcd.
+    instances: Arc<dyn slipway_controller::Instances>,
+    probes: Arc<dyn slipway_controller::Prober>,
+    /// The nodes' instances, with etcd.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// This node's name.
+    node: String,
     images: Arc<StoreImages>,
     gate: Arc<PlatformGate>,
     state: Arc<dyn StateStore>,
@@ -116,14 +123,18 @@ pub(crate) struct Services {
 }
 
 impl Services {
-    /// Wires the adapters around `state`.
+    /// Wires the adapters around `state`; with `cluster` (the nodes and the
+    /// join token), instances run on every node.
+    #[expect(clippy::too_many_arguments, reason = "the wiring of every part")]
     pub(crate) fn open(
         state: Arc<dyn StateStore>,
         runtime: Arc<Runtime>,
         store: Arc<Store>,
         local_hosts: Vec<String>,
-        ports: Ports,
+        ports: Arc<Ports>,
         secrets: Arc<dyn SecretValues>,
+        node: &str,
+        cluster: Option<(Arc<crate::nodes::Nodes>, Option<Arc<str>>)>,
     ) -> anyhow::Result<Arc<Self>> {
         let (events, rx) = broadcast::channel(4096);
         let hub = Arc::new(Hub {
@@ -131,22 +142,41 @@ impl Services {
             tx: broadcast::channel(4096).0,
         });
         tokio::spawn(forward(rx, hub.clone()));
-        let instances = Arc::new(RuntimeInstances {
+        let local = Arc::new(RuntimeInstances {
             runtime: runtime.clone(),
-            ports: Arc::new(ports),
+            ports,
             secrets: secrets.clone(),
         });
-        instances.adopt_ports();
+        local.adopt_ports();
+        let probes = Arc::new(Probes {
+            runtime: runtime.clone(),
+        });
+        let cluster = cluster.map(|(nodes, token)| {
+            crate::cluster::Cluster::new(
+                nodes,
+                local.clone(),
+                probes.clone(),
+                secrets.clone(),
+                token.as_deref().unwrap_or(""),
+            )
+        });
+        let (instances, probes): (
+            Arc<dyn slipway_controller::Instances>,
+            Arc<dyn slipway_controller::Prober>,
+        ) = match &cluster {
+            Some(c) => (c.clone(), c.clone()),
+            None => (local, probes),
+        };
         let pool = slipway_proxy::Pool::for_this_machine()
             .map_err(|e| anyhow::anyhow!("cannot start the proxy's serving threads: {e}"))?;
-        Ok(Arc::new(Self {
+        let services = Arc::new(Self {
             pool,
             leading: std::sync::atomic::AtomicBool::new(true),
             lease_ms: std::sync::atomic::AtomicU64::new(5000),
             map: Mutex::default(),
-            probes: Arc::new(Probes {
-                runtime: runtime.clone(),
-            }),
+            probes,
+            cluster,
+            node: node.to_owned(),
             gate: Arc::new(PlatformGate {
                 runtime: runtime.clone(),
             }),
@@ -157,6 +187,31 @@ impl Services {
             events,
             hub,
             secrets,
+        });
+        if let Some(c) = &services.cluster {
+            let weak = Arc::downgrade(&services);
+            c.set_routed(Arc::new(move |id| {
+                weak.upgrade().and_then(|s| s.routes_instance(id))
+            }));
+        }
+        Ok(services)
+    }
+
+    /// The nodes' instances, with etcd.
+    pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// `None` on a standby; else whether a service routes (or is stopping)
+    /// instance `id`.
+    fn routes_instance(&self, id: &str) -> Option<bool> {
+        if !self.is_leading() {
+            return None;
+        }
+        let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+        Some(entries.iter().any(|e| {
+            let r = e.svc.record();
+            r.instances.iter().chain(&r.stopping).any(|i| i.id == id)
         }))
     }
 
@@ -434,6 +489,20 @@ impl Services {
             match serde_json::from_slice::<ServiceRecord>(&v.value) {
                 Ok(record) => {
                     tracing::info!(service = %record.name, "recovering");
+                    if let Some(c) = &self.cluster {
+                        for i in &record.instances {
+                            if let Some(rev) = record.revision(i.revision) {
+                                c.note(
+                                    &i.id,
+                                    &record.name,
+                                    slipway_controller::schedule::Resources::of(
+                                        rev.spec.cpus,
+                                        rev.spec.memory.as_deref(),
+                                    ),
+                                );
+                            }
+                        }
+                    }
                     self.start(record, Some(v.version));
                 }
                 Err(e) => tracing::error!(key = %v.key, "unreadable service record; skipped: {e}"),
@@ -536,12 +605,11 @@ impl Services {
         stats
     }
 
-    /// Stops every ingress; instances keep running for the next daemon.
-    /// What this control plane's services ask of its node: their instances (in
+    /// What the services ask of each node: their instances (in
     /// routing or being started) and those instances' cpus and memory limits.
-    pub(crate) fn usage(&self) -> crate::nodes::Usage {
+    pub(crate) fn usage(&self) -> crate::nodes::Usages {
         let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
-        let mut u = crate::nodes::Usage::default();
+        let mut all = crate::nodes::Usages::new();
         for e in entries {
             let record = e.svc.record();
             for i in &record.instances {
@@ -550,14 +618,17 @@ impl Services {
                 };
                 let r =
                     slipway_controller::schedule::Resources::of(spec.cpus, spec.memory.as_deref());
+                let node = crate::cluster::split(&i.id).1.unwrap_or(&self.node);
+                let u = all.entry(node.to_owned()).or_default();
                 u.instances += 1;
                 u.asked.millicpu += r.millicpu;
                 u.asked.memory += r.memory;
             }
         }
-        u
+        all
     }
 
+    /// Stops every ingress; instances keep running for the next daemon.
     pub(crate) fn shutdown(&self) {
         let entries: Vec<Entry> = lock(&self.map).drain().map(|(_, e)| e).collect();
         for e in entries {

@@ -93,8 +93,12 @@ impl Engine {
         let active = rev.number;
         let insts = self.read(|s| s.instances_of(active));
         let mut failed = Vec::new();
+        let mut exited = Vec::new();
         for inst in &insts {
             let state = self.deps.instances.state(inst).await;
+            if state == InstanceState::Exited {
+                exited.push(inst.id.clone());
+            }
             let live = match (&rev.spec.health.liveness, state) {
                 (_, InstanceState::Exited) => false,
                 (_, InstanceState::Unknown) => {
@@ -136,8 +140,43 @@ impl Engine {
             self.publish(&[(active, 100, keep)]);
             self.drain_and_retire(&surplus, &rev.spec).await;
         }
+        // An exited instance (or one on a node that is down) serves nothing: it
+        // leaves routing now, not after its replacement is ready.
+        if !exited.is_empty() && exited.len() < insts.len() {
+            let serving: Vec<Instance> = insts
+                .iter()
+                .filter(|i| !exited.contains(&i.id))
+                .cloned()
+                .collect();
+            self.publish(&[(active, 100, serving)]);
+        }
         let inst_spec = InstanceSpec::of(&rev.spec, active, &rev.image);
-        for inst in &failed {
+        // Exited ones are replaced together (a node that died takes several).
+        let (gone, unhealthy): (Vec<Instance>, Vec<Instance>) =
+            failed.into_iter().partition(|i| exited.contains(&i.id));
+        if !gone.is_empty() {
+            for inst in &gone {
+                self.liveness_failures.remove(&inst.id);
+            }
+            let names: Vec<&str> = gone.iter().map(|i| i.id.as_str()).collect();
+            self.event(
+                Some(active),
+                format!("instance(s) {} exited; replacing them", names.join(", ")),
+            );
+            let deadline = Instant::now() + rev.spec.progress_deadline.0;
+            let n = u32::try_from(gone.len()).unwrap_or(1);
+            if let Err(e) = self.start_ready(n, &inst_spec, &rev.spec, deadline).await {
+                self.event(Some(active), format!("replacement failed: {e}"));
+            }
+            let current: Vec<Instance> = self
+                .read(|s| s.instances_of(active))
+                .into_iter()
+                .filter(|i| !exited.contains(&i.id))
+                .collect();
+            self.publish(&[(active, 100, current)]);
+            self.drain_and_retire(&gone, &rev.spec).await;
+        }
+        for inst in &unhealthy {
             self.liveness_failures.remove(&inst.id);
             self.event(
                 Some(active),
@@ -150,7 +189,7 @@ impl Engine {
             let current: Vec<Instance> = self
                 .read(|s| s.instances_of(active))
                 .into_iter()
-                .filter(|i| i.id != inst.id)
+                .filter(|i| i.id != inst.id && !exited.contains(&i.id))
                 .collect();
             self.publish(&[(active, 100, current)]);
             self.drain_and_retire(std::slice::from_ref(inst), &rev.spec)
