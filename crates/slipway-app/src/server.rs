@@ -160,12 +160,17 @@ pub async fn serve(
             services.recover(&settings.data_dir.join("services")).await;
             None
         }
-        Some(etcd) => Some(services.lead_then_recover(
-            etcd,
-            settings.cluster.lease_ttl.0,
-            format!("{addr} {}", std::process::id()),
-            settings.data_dir.join("services"),
-        )),
+        Some(etcd) => {
+            let lost = services.lead_then_recover(
+                etcd,
+                settings.cluster.lease_ttl.0,
+                format!("{addr} {}", std::process::id()),
+                settings.data_dir.join("services"),
+            );
+            // Until it leads, this control plane serves the leader's route tables.
+            services.follow_routes();
+            Some(lost)
+        }
     };
     let audit = Arc::new(
         crate::audit::AuditLog::open(

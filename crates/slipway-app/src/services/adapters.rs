@@ -338,7 +338,12 @@ pub(crate) struct ProxyTraffic {
     pool: Arc<Pool>,
     proxy: Mutex<Option<Bound>>,
     backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+    /// With etcd: the table as stored for the other control planes, and the
+    /// writer that stores it (`Some(None)` deletes it).
+    shared: Mutex<Option<(super::routes::RouteDoc, RouteSink)>>,
 }
+
+type RouteSink = watch::Sender<Option<Option<super::routes::RouteDoc>>>;
 
 /// A listening ingress: its proxy, the address it accepts on, and what stops
 /// that accept loop.
@@ -362,6 +367,26 @@ impl ProxyTraffic {
             pool,
             proxy: Mutex::default(),
             backends: Mutex::default(),
+            shared: Mutex::default(),
+        }
+    }
+
+    /// Stores every change of this ingress through `sink`, for the other
+    /// control planes.
+    pub(crate) fn share(&self, sink: RouteSink) {
+        *lock(&self.shared) = Some((super::routes::RouteDoc::default(), sink));
+    }
+
+    /// Stops storing changes (this process stops; the others keep serving the
+    /// stored table).
+    pub(crate) fn unshare(&self) {
+        lock(&self.shared).take();
+    }
+
+    fn store(&self, change: impl FnOnce(&mut super::routes::RouteDoc)) {
+        if let Some((doc, sink)) = lock(&self.shared).as_mut() {
+            change(doc);
+            sink.send_replace(Some(Some(doc.clone())));
         }
     }
 
@@ -427,10 +452,17 @@ impl Traffic for ProxyTraffic {
         };
         proxy.configure(ingress.hold_timeout.0, balance(ingress.balance));
         proxy.set_retry_methods(&ingress.retry_methods);
+        self.store(|d| d.ingress = Some(ingress.clone()));
         Ok(())
     }
 
     fn publish(&self, routes: &[(u64, u32, Vec<Instance>)]) {
+        self.store(|d| {
+            d.revisions = routes
+                .iter()
+                .map(|(rev, w, insts)| (*rev, *w, insts.iter().map(|i| i.addr).collect()))
+                .collect();
+        });
         let Some(proxy) = self.proxy() else {
             return;
         };
@@ -503,6 +535,9 @@ impl Traffic for ProxyTraffic {
     }
 
     fn close(&self) {
+        if let Some((_, sink)) = lock(&self.shared).as_ref() {
+            sink.send_replace(Some(None));
+        }
         if let Some(b) = lock(&self.proxy).take() {
             b.stop.send_replace(true);
             b.proxy.close();

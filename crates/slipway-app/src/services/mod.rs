@@ -8,6 +8,7 @@ mod adapters;
 mod api;
 mod legacy;
 mod logs;
+mod routes;
 mod state;
 
 use std::collections::{HashMap, VecDeque};
@@ -105,6 +106,8 @@ pub(crate) struct Services {
     probes: Arc<dyn slipway_controller::Prober>,
     /// The nodes' instances, with etcd.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// On a standby: the ingresses it serves from the stored route tables.
+    followed: Mutex<HashMap<String, Arc<ProxyTraffic>>>,
     /// This node's name.
     node: String,
     images: Arc<StoreImages>,
@@ -176,6 +179,7 @@ impl Services {
             map: Mutex::default(),
             probes,
             cluster,
+            followed: Mutex::default(),
             node: node.to_owned(),
             gate: Arc::new(PlatformGate {
                 runtime: runtime.clone(),
@@ -366,7 +370,13 @@ impl Services {
 
     /// A new actor for `record`, not yet known to the map.
     fn spawn_entry(&self, record: ServiceRecord, version: Option<u64>, recover: bool) -> Entry {
-        let traffic = Arc::new(ProxyTraffic::new(self.pool.clone()));
+        let traffic = self
+            .take_followed(&record.name)
+            .unwrap_or_else(|| Arc::new(ProxyTraffic::new(self.pool.clone())));
+        // With etcd, the other control planes serve this ingress too.
+        if self.cluster.is_some() {
+            traffic.share(routes::writer(self.state.clone(), record.name.clone()));
+        }
         let svc = slipway_controller::spawn(record, version, self.deps(traffic.clone()), recover);
         Entry { svc, traffic }
     }
@@ -632,7 +642,14 @@ impl Services {
     pub(crate) fn shutdown(&self) {
         let entries: Vec<Entry> = lock(&self.map).drain().map(|(_, e)| e).collect();
         for e in entries {
+            // The stored table stays: the other control planes keep serving it.
+            e.traffic.unshare();
             slipway_controller::Traffic::close(e.traffic.as_ref());
+        }
+        let followed: Vec<Arc<ProxyTraffic>> =
+            lock(&self.followed).drain().map(|(_, t)| t).collect();
+        for t in followed {
+            slipway_controller::Traffic::close(t.as_ref());
         }
     }
 }
