@@ -602,7 +602,21 @@ impl Client {
         name: &str,
         cordon: bool,
     ) -> Result<crate::nodes::NodeInfo, ClientError> {
-        let verb = if cordon { "cordon" } else { "uncordon" };
+        self.node_action(name, if cordon { "cordon" } else { "uncordon" })
+            .await
+    }
+
+    /// Cordons a node and moves its instances elsewhere; answers at once (the
+    /// node's instance count falls to 0 as they move).
+    pub async fn drain(&self, name: &str) -> Result<crate::nodes::NodeInfo, ClientError> {
+        self.node_action(name, "drain").await
+    }
+
+    async fn node_action(
+        &self,
+        name: &str,
+        verb: &str,
+    ) -> Result<crate::nodes::NodeInfo, ClientError> {
         self.call(
             Method::POST,
             &format!("/api/v1/nodes/{}/{verb}", seg(name)),

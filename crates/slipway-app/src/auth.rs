@@ -253,10 +253,10 @@ pub(crate) fn classify(
         (["nodes", _], _) => op(Need::Admin, None, String::new()),
         (["nodes", name, verb], _) => op(
             Need::Admin,
-            Some(if *verb == "uncordon" {
-                "node.uncordon"
-            } else {
-                "node.cordon"
+            Some(match *verb {
+                "uncordon" => "node.uncordon",
+                "drain" => "node.drain",
+                _ => "node.cordon",
             }),
             format!("node:{name}"),
         ),

@@ -147,7 +147,8 @@ impl Cluster {
         });
     }
 
-    async fn refresh(&self) {
+    /// Reads the nodes again; wakes healing when one went down or came back.
+    pub(crate) async fn refresh(&self) {
         let views = match self.nodes.views().await {
             Ok(v) => v,
             Err(e) => {

@@ -402,7 +402,7 @@ struct NodeRoutes {
     services: Arc<crate::services::Services>,
 }
 
-/// `GET /api/v1/nodes`, `POST /api/v1/nodes/{name}/cordon|uncordon`,
+/// `GET /api/v1/nodes`, `POST /api/v1/nodes/{name}/drain|cordon|uncordon`,
 /// `DELETE /api/v1/nodes/{name}`.
 pub(crate) fn router(nodes: Arc<Nodes>, services: Arc<crate::services::Services>) -> axum::Router {
     use axum::extract::{Path, State};
@@ -418,22 +418,34 @@ pub(crate) fn router(nodes: Arc<Nodes>, services: Arc<crate::services::Services>
         Path((name, verb)): Path<(String, String)>,
     ) -> axum::response::Response {
         let cordoned = match verb.as_str() {
-            "cordon" => true,
+            "cordon" | "drain" => true,
             "uncordon" => false,
             _ => {
                 return ApiError::new(
                     ErrorKind::NotFound,
-                    format!("no node action {verb:?}: use cordon or uncordon"),
+                    format!("no node action {verb:?}: use drain, cordon or uncordon"),
                 )
                 .into_response();
             }
         };
+        if verb == "drain" && !s.services.is_leading() {
+            return ApiError::new(
+                ErrorKind::Unavailable,
+                "this control plane is a standby: drain through the leading one",
+            )
+            .into_response();
+        }
         match s
             .nodes
             .set_cordoned(&name, cordoned, &s.services.usage())
             .await
         {
-            Ok(info) => axum::Json(info).into_response(),
+            Ok(info) => {
+                if verb == "drain" {
+                    s.services.drain_node(&name).await;
+                }
+                axum::Json(info).into_response()
+            }
             Err(e) => e.into_response(),
         }
     }

@@ -28,6 +28,9 @@ pub enum Command {
     Rollback(Option<u64>),
     /// Change the number of instances of the active revision.
     Scale(u32),
+    /// Move these instances (by id) elsewhere: replacements start and become
+    /// ready, then these leave routing, drain and stop (a node being drained).
+    Replace(Vec<String>),
     /// Hold rollouts at their next step until resumed.
     Pause,
     /// Let held rollouts go on.
@@ -46,6 +49,7 @@ impl Command {
             Self::Deploy(_) => "deploy",
             Self::Rollback(_) => "rollback",
             Self::Scale(_) => "scale",
+            Self::Replace(_) => "replace",
             Self::Pause => "pause",
             Self::Resume => "resume",
             Self::Promote => "promote",
@@ -368,7 +372,7 @@ impl Inbox {
                 env.answer(Ok(a));
                 self.pending.push_front(env);
             }
-            Command::Deploy(_) | Command::Rollback(_) | Command::Scale(_) => {
+            Command::Deploy(_) | Command::Rollback(_) | Command::Scale(_) | Command::Replace(_) => {
                 let a = accepted(true);
                 env.answer(Ok(a));
                 self.pending.push_back(env);
@@ -544,6 +548,13 @@ impl Actor {
                     let outcome = result.map_or_else(Outcome::Failed, |()| Outcome::Done);
                     self.engine.finish(None, outcome).await;
                 }
+                false
+            }
+            Command::Replace(ids) => {
+                env.answer(Ok(self.accepted(&env, None)));
+                let result = busy(&mut self.inbox, false, self.engine.replace(&ids)).await;
+                let outcome = result.map_or_else(Outcome::Failed, |()| Outcome::Done);
+                self.engine.finish(None, outcome).await;
                 false
             }
             Command::Pause | Command::Resume => {

@@ -9,6 +9,8 @@
     reason = "test harness: a failed setup step is a test failure"
 )]
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -201,6 +201,31 @@ impl Services {
         Ok(services)
     }
 
+    /// Asks every service with instances on `node` to move them elsewhere.
+    pub(crate) async fn drain_node(&self, node: &str) {
+        // Its replacements must see it cordoned.
+        if let Some(c) = &self.cluster {
+            c.refresh().await;
+        }
+        let entries: Vec<Entry> = lock(&self.map).values().cloned().collect();
+        for e in entries {
+            let ids: Vec<String> = e
+                .svc
+                .record()
+                .instances
+                .iter()
+                .filter(|i| crate::cluster::split(&i.id).1.unwrap_or(&self.node) == node)
+                .map(|i| i.id.clone())
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            if let Err(err) = e.svc.send(Command::Replace(ids)).await {
+                tracing::warn!(service = %e.svc.name(), "cannot move instances off {node}: {err}");
+            }
+        }
+    }
+
     /// The nodes' instances, with etcd.
     pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.cluster.as_ref()

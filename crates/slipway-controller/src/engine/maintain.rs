@@ -82,6 +82,47 @@ impl Engine {
         result
     }
 
+    /// Moves the active revision's instances named in `ids` elsewhere without
+    /// dropping a request: their replacements start and become ready first,
+    /// then they leave routing, drain and stop.
+    pub(crate) async fn replace(&mut self, ids: &[String]) -> Result<(), String> {
+        let Some(rev) = self.read(|s| s.active_revision().cloned()) else {
+            return Ok(());
+        };
+        let active = rev.number;
+        let moving: Vec<Instance> = self
+            .read(|s| s.instances_of(active))
+            .into_iter()
+            .filter(|i| ids.contains(&i.id))
+            .collect();
+        if moving.is_empty() {
+            return Ok(());
+        }
+        self.set_phase(Phase::Healing);
+        self.event(
+            Some(active),
+            format!("moving {} instance(s) elsewhere", moving.len()),
+        );
+        let inst_spec = InstanceSpec::of(&rev.spec, active, &rev.image);
+        let deadline = Instant::now() + rev.spec.progress_deadline.0;
+        let n = u32::try_from(moving.len()).unwrap_or(1);
+        let result = self
+            .start_ready(n, &inst_spec, &rev.spec, deadline)
+            .await
+            .map(|_| ());
+        if result.is_ok() {
+            let current: Vec<Instance> = self
+                .read(|s| s.instances_of(active))
+                .into_iter()
+                .filter(|i| !ids.contains(&i.id))
+                .collect();
+            self.publish(&[(active, 100, current)]);
+            self.drain_and_retire(&moving, &rev.spec).await;
+        }
+        self.set_phase(Phase::Idle);
+        result
+    }
+
     /// One self-healing pass: instances that exited or fail liveness are replaced
     /// (the replacement is ready before the failed one leaves routing), and the
     /// active revision is brought back to its replica count. An instance whose

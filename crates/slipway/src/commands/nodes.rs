@@ -1,6 +1,6 @@
 #![expect(clippy::print_stdout, reason = "the binary owns the terminal")]
 
-//! `slipway node ls|cordon|uncordon|rm`.
+//! `slipway node ls|drain|cordon|uncordon|rm`.
 
 use std::time::Duration;
 
@@ -18,6 +18,15 @@ pub enum NodeCommand {
     Cordon {
         /// Node name.
         name: String,
+    },
+    /// Move a node's instances elsewhere (each replacement ready before the
+    /// old one stops) and cordon it; waits until none is left.
+    Drain {
+        /// Node name.
+        name: String,
+        /// Give up waiting after this long (the move goes on).
+        #[arg(long, default_value = "5m")]
+        timeout: String,
     },
     /// Take new instances on a node again.
     Uncordon {
@@ -76,6 +85,34 @@ pub async fn run(client: &Client, c: NodeCommand, format: Format) -> anyhow::Res
         NodeCommand::Cordon { name } => {
             let n = client.cordon(&name, true).await?;
             println!("node {} cordoned: it takes no new instances", n.name);
+        }
+        NodeCommand::Drain { name, timeout } => {
+            let timeout = slipway_core::parse_duration(&timeout)
+                .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+            let n = client.drain(&name).await?;
+            println!(
+                "node {} cordoned; moving its {} instance(s) elsewhere",
+                n.name, n.instances
+            );
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let left = client
+                    .nodes()
+                    .await?
+                    .into_iter()
+                    .find(|x| x.name == name)
+                    .map_or(0, |x| x.instances);
+                if left == 0 {
+                    println!("node {name} drained");
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "node {name} still has {left} instance(s) after {timeout:?}; see `slipway events`"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
         NodeCommand::Uncordon { name } => {
             let n = client.cordon(&name, false).await?;
