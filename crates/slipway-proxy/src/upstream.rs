@@ -83,6 +83,9 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// How long sent bytes may stay unacknowledged before a backend connection fails.
+const USER_TIMEOUT_MS: u32 = 2000;
+
 impl Upstream {
     /// Opens a connection to `addr`.
     pub(crate) async fn connect(addr: SocketAddr) -> Result<Self, String> {
@@ -97,6 +100,11 @@ impl Upstream {
             Err(_) => return Err("connect timed out".into()),
         };
         let _ = io.set_nodelay(true);
+        // A backend whose machine died or was cut off never acknowledges what is
+        // sent to it: after 2 s the socket fails, and a request that got no
+        // answer is tried on another backend, instead of waiting forever on a
+        // kept-alive connection. A slow backend still acknowledges at once.
+        let _ = rustix::net::sockopt::set_tcp_user_timeout(&io, USER_TIMEOUT_MS);
         Ok(Self {
             io,
             buf: BytesMut::new(),

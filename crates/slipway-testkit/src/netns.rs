@@ -97,19 +97,21 @@ impl Topology {
     /// `Command` for `program` inside `member`.
     pub fn command(&self, member: &str, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/var/run/netns/{}", self.ns(member)))
+        c.arg(format!("--net={}", self.path(member)))
             .arg("--")
             .arg(program);
         c
     }
 
+    /// The namespace file of `member`.
+    pub fn path(&self, member: &str) -> String {
+        format!("/var/run/netns/{}", self.ns(member))
+    }
+
     /// Moves the calling thread into `member` (its sockets and the processes it
     /// starts are then there).
     pub fn enter(&self, member: &str) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.ns(member)))
-            .unwrap_or_else(|e| panic!("open netns {member}: {e}"));
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("setns {member}: {e}"));
+        enter_path(&self.path(member));
     }
 
     /// Takes `member`'s link to the bridge down (`false`) or up (`true`).
@@ -169,6 +171,13 @@ impl Drop for Topology {
         }
         let _ = ip(&["netns", "del", &self.ns("br")]);
     }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter_path(path: &str) {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open netns {path}: {e}"));
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {path}: {e}"));
 }
 
 /// A process started in a member, SIGKILLed (by PID) on drop unless it exited.
