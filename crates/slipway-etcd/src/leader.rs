@@ -72,12 +72,29 @@ impl EtcdState {
         let (lost_tx, lost) = watch::channel(false);
         let keeper = tokio::spawn(keep_alive(self.clone(), lease, ttl, lost_tx));
         let name = self.key(&format!("election/{election}"));
-        let resp = self
-            .client
-            .election_client()
-            .campaign(name, id, lease)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        // A campaign blocks until this process leads, but every request is cut
+        // at the client's timeout: campaign again with the same lease, which
+        // keeps the same key and so the same place in the queue. Only a lost
+        // lease ends the campaign (and its key goes with the lease).
+        let resp = loop {
+            match self
+                .client
+                .election_client()
+                .campaign(name.clone(), id, lease)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) => {
+                    if *lost.borrow() {
+                        keeper.abort();
+                        let _ = self.client.lease_client().revoke(lease).await;
+                        return Err(unavailable(&e));
+                    }
+                    tracing::debug!("campaign: {e}; campaigning again with lease {lease:x}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         let key = resp
             .leader()
             .cloned()

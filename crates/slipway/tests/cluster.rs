@@ -163,7 +163,10 @@ impl Cluster {
 
     fn tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("this control plane is a standby"))
+            .collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
@@ -596,7 +599,13 @@ fn drain_etcd_restart_and_the_death_of_the_leader_mid_rollout_fail_no_request() 
             || st["revisions"][1]["status"] == "rolled-back";
         (done && st["phase"] == "idle").then_some(())
     })
-    .unwrap_or_else(|| panic!("{other} ended the rollout: {}", c.status(other)));
+    .unwrap_or_else(|| {
+        panic!(
+            "{other} ended the rollout: {}\n{other}'s log:\n{}",
+            c.status(other),
+            c.tail(other)
+        )
+    });
     let took = killed.elapsed();
     assert!(
         took < Duration::from_secs(10),
