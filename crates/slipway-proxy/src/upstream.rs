@@ -75,6 +75,8 @@ pub(crate) struct Upstream {
     /// Requests it has answered: a failure on the first is the backend's, on a
     /// later one it may be a keep-alive race.
     served: u64,
+    /// The last read failed because sent bytes went unacknowledged.
+    timed_out: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -109,6 +111,7 @@ impl Upstream {
             io,
             buf: BytesMut::new(),
             served: 0,
+            timed_out: false,
         })
     }
 
@@ -139,23 +142,30 @@ impl Upstream {
     ) -> Result<(http::response::Parts, Framing, bool), Failure> {
         // A new connection (no answered request yet) that fails says the backend
         // is failing; a pooled one may have lost a keep-alive race.
-        let fresh = self.served == 0;
-        let failed = |message, answered| Failure {
+        let mut fresh = self.served == 0;
+        let failed = |message, answered, fresh| Failure {
             unsent: false,
             message,
             answered,
             fresh,
         };
         if let Err(e) = self.io.write_all(&out.message).await {
-            return Err(failed(format!("writing the request: {e}"), false));
+            return Err(failed(format!("writing the request: {e}"), false, fresh));
         }
         if let Some(stream) = out.stream.as_mut() {
             self.send_body(stream)
                 .await
-                .map_err(|message| failed(message, false))?;
+                .map_err(|message| failed(message, false, fresh))?;
         }
         let head = self.read_head(out.head_only).await;
-        head.map_err(|(message, answered)| failed(message, answered))
+        // Sent bytes that were never acknowledged (TCP_USER_TIMEOUT) say the
+        // backend's machine is gone, however old the connection.
+        if let Err((_, false)) = &head
+            && self.timed_out
+        {
+            fresh = true;
+        }
+        head.map_err(|(message, answered)| failed(message, answered, fresh))
     }
 
     async fn send_body(&mut self, stream: &mut StreamBody) -> Result<(), String> {
@@ -229,6 +239,7 @@ impl Upstream {
                 Ok(_) => {}
                 Err(e) => {
                     let answered = !self.buf.is_empty();
+                    self.timed_out = e.kind() == std::io::ErrorKind::TimedOut;
                     return Err((format!("reading the response: {e}"), answered));
                 }
             }

@@ -9,6 +9,7 @@
     reason = "test harness: a failed setup step is a test failure"
 )]
 
+pub mod cluster;
 pub mod netns;
 
 use std::collections::HashMap;
