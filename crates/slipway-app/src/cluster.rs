@@ -354,6 +354,29 @@ impl Cluster {
             .ok_or_else(|| InstanceError::Capacity(format!("node {name} left")))
     }
 
+    /// Whether instance `id` runs on another node than this process's.
+    pub(crate) fn is_remote(&self, id: &str) -> bool {
+        split(id).1.is_some_and(|n| n != self.nodes.this())
+    }
+
+    /// An instance's log on its agent from byte `from` on (from 0 if the log
+    /// was rotated since): where the bytes start, and the bytes.
+    pub(crate) async fn read_log(&self, id: &str, from: u64) -> Option<(u64, Vec<u8>)> {
+        let (container, node) = split(id);
+        let node = self.node(node?)?;
+        let url = Self::url(
+            &node,
+            &format!("/agent/v1/instances/{container}/logs?from={from}"),
+        )
+        .ok()?;
+        let part: crate::agent::LogPart = self
+            .rpc
+            .call(Method::GET, &url, None::<&()>, Duration::from_secs(5))
+            .await
+            .ok()?;
+        Some((part.from, part.bytes))
+    }
+
     fn secret_values(
         &self,
         spec: &InstanceSpec,

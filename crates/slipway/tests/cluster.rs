@@ -6,7 +6,10 @@
 //! runs under continuous GETs through the control planes' ingresses and counts
 //! the failed ones.
 
-#![expect(clippy::print_stderr, reason = "the measured times go to the test output")]
+#![expect(
+    clippy::print_stderr,
+    reason = "the measured times go to the test output"
+)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -58,6 +61,17 @@ fn replicas_spread_over_three_nodes_and_a_dead_or_cut_off_node_is_replaced_withi
             .then_some(())
     })
     .expect("both control planes serve the ingress");
+
+    // Logs of instances on other machines come through their agents.
+    let (code, out, err) = c.cli(leader, &["service", "logs", "web"]);
+    assert_eq!(code, 0, "{err}");
+    for n in ["n1", "n2", "n3"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("@{n} | hello 1")) && l.contains("listening on")),
+            "a line of an instance on {n} in:\n{out}"
+        );
+    }
 
     // A machine dies: its agent and its instances are SIGKILLed.
     let load = Load::start(&c.topo, ingresses.clone());
@@ -209,6 +223,15 @@ fn drain_etcd_restart_and_the_death_of_the_leader_mid_rollout_fail_no_request() 
         "{took:?}: lease TTL 5 s + 5 s"
     );
     load.finish("leader killed mid-rollout");
+    // The agents heartbeat to the control plane left: no node went down.
+    let nodes = c.api(other, "GET", "/api/v1/nodes", "").json();
+    assert_eq!(
+        nodes
+            .as_array()
+            .map(|a| a.iter().filter(|n| n["status"] == "ready").count()),
+        Some(3),
+        "{nodes}"
+    );
     eprintln!("leader killed mid-rollout: {other} ended it after {took:?}");
 
     let (code, _, err) = c.cli(other, &["service", "rm", "web"]);

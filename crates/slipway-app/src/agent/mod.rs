@@ -76,6 +76,15 @@ pub(crate) struct ProbeCall {
     pub probe: Probe,
 }
 
+/// A piece of an instance's log.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct LogPart {
+    /// The offset of its first byte in the log.
+    pub from: u64,
+    /// The bytes (at most 1 MiB).
+    pub bytes: Vec<u8>,
+}
+
 /// What `/agent/v1/instances/{id}/stats` reports.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct InstanceStats {
@@ -212,13 +221,37 @@ async fn probe(State(s): State<AgentState>, axum::Json(call): axum::Json<ProbeCa
     axum::Json(ok).into_response()
 }
 
-async fn logs(State(s): State<AgentState>, Path(id): Path<String>) -> Response {
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    from: u64,
+}
+
+/// At most this much of a log per call.
+const LOG_PART: u64 = 1 << 20;
+
+async fn logs(
+    State(s): State<AgentState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let path = match s.runtime.log_path(&id) {
         Ok(p) => p,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => bytes.into_response(),
+    let read = async {
+        let mut f = tokio::fs::File::open(&path).await?;
+        let len = f.metadata().await?.len();
+        // Rotation truncates the log: a reader past its end starts over.
+        let from = if q.from > len { 0 } else { q.from };
+        f.seek(std::io::SeekFrom::Start(from)).await?;
+        let mut bytes = Vec::new();
+        f.take(LOG_PART).read_to_end(&mut bytes).await?;
+        Ok::<_, std::io::Error>(LogPart { from, bytes })
+    };
+    match read.await {
+        Ok(part) => axum::Json(part).into_response(),
         Err(e) => {
             ApiError::new(ErrorKind::NotFound, format!("no log for {id}: {e}")).into_response()
         }

@@ -24,9 +24,10 @@ pub(crate) struct LogsQuery {
     since: Option<String>,
 }
 
-/// One instance's log being read.
+/// One instance's log being read: a file of this node's runtime, or an agent's
+/// (`file` is `None`), read from `pos` on.
 struct Reader {
-    file: tokio::fs::File,
+    file: Option<tokio::fs::File>,
     pos: u64,
     partial: Vec<u8>,
 }
@@ -83,14 +84,20 @@ impl Merge {
                 .filter(|i| self.revision.is_none_or(|r| r == i.revision))
                 .filter(|i| {
                     self.since_ms.is_none_or(|since| {
-                        runtime
-                            .inspect(&i.id)
-                            .is_ok_and(|c| c.finished_at_ms.is_none_or(|f| f + since >= now))
+                        self.remote(&i.id)
+                            || runtime
+                                .inspect(&i.id)
+                                .is_ok_and(|c| c.finished_at_ms.is_none_or(|f| f + since >= now))
                     })
                 })
                 .map(|i| i.id.clone())
                 .collect(),
         )
+    }
+
+    /// Whether instance `id` runs on another node (its log is its agent's).
+    fn remote(&self, id: &str) -> bool {
+        self.services.cluster().is_some_and(|c| c.is_remote(id))
     }
 
     /// Reads what is new in every instance's log; `None` when the stream is over.
@@ -112,6 +119,24 @@ impl Merge {
             if self.readers.contains_key(id) {
                 continue;
             }
+            if self.remote(id) {
+                let mut pos = 0;
+                if let (Some(n), Some(c)) =
+                    (self.tail.filter(|_| self.first), self.services.cluster())
+                    && let Some((_, all)) = c.read_log(id, 0).await
+                {
+                    pos = (all.len() - last_lines(&all, n).len()) as u64;
+                }
+                self.readers.insert(
+                    id.clone(),
+                    Reader {
+                        file: None,
+                        pos,
+                        partial: Vec::new(),
+                    },
+                );
+                continue;
+            }
             let Ok(path) = self.services.runtime().log_path(id) else {
                 continue;
             };
@@ -130,7 +155,7 @@ impl Merge {
             self.readers.insert(
                 id.clone(),
                 Reader {
-                    file,
+                    file: Some(file),
                     pos,
                     partial: Vec::new(),
                 },
@@ -142,7 +167,9 @@ impl Merge {
             if let Some(mut r) = self.readers.remove(&id) {
                 self.read_new(&id, &mut r, &mut out).await;
                 // An instance that left the service has been read to its end.
-                if ids.contains(&id) || self.services.runtime().inspect(&id).is_ok() {
+                if ids.contains(&id)
+                    || (r.file.is_some() && self.services.runtime().inspect(&id).is_ok())
+                {
                     self.readers.insert(id, r);
                 }
             }
@@ -152,19 +179,32 @@ impl Merge {
     }
 
     async fn read_new(&self, id: &str, r: &mut Reader, out: &mut Vec<u8>) {
-        // Rotation truncates the file: start over from its beginning.
-        let len = r.file.metadata().await.map(|m| m.len()).unwrap_or(0);
-        if len < r.pos {
-            r.pos = 0;
-            let _ = r.file.seek(std::io::SeekFrom::Start(0)).await;
-        }
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match r.file.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    r.pos += n as u64;
-                    prefix_lines(id, &mut r.partial, &buf[..n], out);
+        match r.file.as_mut() {
+            Some(file) => {
+                // Rotation truncates the file: start over from its beginning.
+                let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                if len < r.pos {
+                    r.pos = 0;
+                    let _ = file.seek(std::io::SeekFrom::Start(0)).await;
+                }
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match file.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            r.pos += n as u64;
+                            prefix_lines(id, &mut r.partial, &buf[..n], out);
+                        }
+                    }
+                }
+            }
+            None => {
+                if let Some((from, bytes)) = match self.services.cluster() {
+                    Some(c) => c.read_log(id, r.pos).await,
+                    None => None,
+                } {
+                    r.pos = from + bytes.len() as u64;
+                    prefix_lines(id, &mut r.partial, &bytes, out);
                 }
             }
         }
