@@ -113,7 +113,10 @@ impl Proxy {
                         tracing::info!(backend = %backend.addr, "backend failed a new connection; out of routing until its readiness probe passes: {}", failure.message);
                         self.ejections.send_modify(|n| *n += 1);
                     }
-                    let next = if tried.len() < 3 {
+                    // A request that never left goes on to the next backend (up to
+                    // 8: a dead machine may take several at once); one that was
+                    // sent is tried on at most 3.
+                    let next = if tried.len() < 3 || (failure.unsent && tried.len() < 8) {
                         self.pick(pinned, &tried)
                     } else {
                         None

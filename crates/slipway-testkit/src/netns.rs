@@ -150,9 +150,10 @@ impl Topology {
         out
     }
 
-    /// SIGKILLs every process in `member` (a machine that died).
+    /// SIGKILLs every process in `member` (a machine that died), but this one.
     pub fn kill_all(&self, member: &str) {
-        for pid in self.pids(member) {
+        let me = i32::try_from(std::process::id()).unwrap_or(0);
+        for pid in self.pids(member).into_iter().filter(|p| *p != me) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

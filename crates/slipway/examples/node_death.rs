@@ -62,6 +62,9 @@ fn main() {
             failed.len(),
             ok + failed.len() as u64
         );
+        for f in failed.iter().take(3) {
+            println!("  failed: {f}");
+        }
         times.push(took);
         all_ok += ok;
         all_failed += failed.len();
