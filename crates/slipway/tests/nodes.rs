@@ -317,3 +317,173 @@ fn a_killed_control_planes_node_goes_down_and_can_then_be_removed() {
     assert_eq!(cli(BIN, &b, &["node", "rm", "a"]).0, 0);
     assert_eq!(status("a"), None, "forgotten");
 }
+
+const JOIN: &str = "nodes-test-join-token-0123456789";
+
+fn heartbeat(
+    s: &TestServer,
+    node: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> slipway_testkit::Response {
+    let bearer = auth.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(b) = &bearer {
+        headers.push(("Authorization", b.as_str()));
+    }
+    s.request(
+        "POST",
+        &format!("/api/v1/nodes/{node}/heartbeat"),
+        &headers,
+        body.as_bytes(),
+    )
+}
+
+const BEAT: &str = r#"{"address":"127.0.0.1","api":"127.0.0.1:1","labels":{"zone":"a"},"cpus":2.0,"memory_bytes":1073741824,"exits":0}"#;
+
+#[test]
+fn heartbeats_need_the_join_token_and_a_well_formed_body_and_the_token_pulls_but_never_pushes() {
+    let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
+    let s = TestServer::start_secure(BIN, &["--state", &etcd.url(), "--join-token", JOIN]);
+    let r = heartbeat(&s, "n1", None, BEAT);
+    assert_eq!(r.status, 401, "no token");
+    assert_eq!(r.json()["error"]["kind"], "unauthenticated");
+    assert_eq!(
+        heartbeat(&s, "n1", Some("wrong-token-wrong-token"), BEAT).status,
+        401
+    );
+    let r = heartbeat(&s, "n1", Some(JOIN), "{\"address\":");
+    assert_eq!(r.status, 400, "a malformed heartbeat");
+    let r = heartbeat(&s, "n1", Some(JOIN), BEAT);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["cordoned"], false);
+    let (code, out, err) = cli(BIN, &s, &["node", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("n1 ") && l.contains("ready") && l.contains("zone=a")),
+        "{out}"
+    );
+    // The join token pulls any image and does nothing else.
+    slipway_testkit::pack_hello(BIN, &s, "hello:1", "1");
+    let bearer = format!("Bearer {JOIN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let pulled = s.request("GET", "/v2/hello/manifests/1", &auth, b"");
+    assert_eq!(pulled.status, 200, "an agent pulls with the join token");
+    let push = s.request("POST", "/v2/hello/blobs/uploads/", &auth, b"");
+    assert_eq!(push.status, 403, "but never pushes");
+    let admin = s.request("GET", "/api/v1/audit", &auth, b"");
+    assert_eq!(admin.status, 403, "nor administers");
+    let services = s.request("GET", "/api/v1/services", &auth, b"");
+    assert_eq!(services.json(), serde_json::json!([]), "nor sees services");
+}
+
+#[test]
+fn without_a_join_token_heartbeats_are_refused_and_bad_agent_flags_name_the_flag() {
+    let etcd = Etcd::start().expect("etcd starts (apt-get install etcd-server)");
+    let s = TestServer::start_with(BIN, &["--state", &etcd.url()]);
+    let r = heartbeat(&s, "n1", Some(JOIN), BEAT);
+    assert_eq!(r.status, 409, "no join token configured");
+    assert_eq!(r.json()["error"]["kind"], "failed_precondition");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("--join-token"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let agent = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("agent")
+            .args(args)
+            .output()
+            .expect("runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let base = ["--token", JOIN, "--advertise", "127.0.0.1", "--name", "n1"];
+    let (code, err) = agent(&[&["--join", "not a url"][..], &base].concat());
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("--join"), "{err}");
+    let (code, err) = agent(&[
+        "--join",
+        "http://127.0.0.1:1",
+        "--token",
+        "short",
+        "--advertise",
+        "127.0.0.1",
+    ]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("--token"), "{err}");
+    let (code, err) = agent(
+        &[
+            &["--join", "http://127.0.0.1:1", "--name", "a/b"][..],
+            &base[..4],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("--name"), "{err}");
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--state",
+            &etcd.url(),
+            "--join-token",
+            "short",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--join-token"));
+}
+
+#[test]
+fn an_agent_whose_control_planes_are_gone_keeps_serving_its_api_to_the_token_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ready = dir.path().join("ready");
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args([
+            "agent",
+            "--join",
+            "http://127.0.0.1:1",
+            "--token",
+            JOIN,
+            "--name",
+            "n1",
+        ])
+        .args([
+            "--advertise",
+            "127.0.0.1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    poll(Duration::from_secs(20), || ready.exists().then_some(())).expect("the agent listens");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let bearer = format!("Bearer {JOIN}");
+    let r = slipway_testkit::request(
+        addr,
+        "GET",
+        "/agent/v1/instances",
+        &[("Authorization", &bearer)],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["Ok"], serde_json::json!([]));
+    let r = slipway_testkit::request(addr, "GET", "/agent/v1/instances", &[], b"");
+    assert_eq!(r.status, 401, "the agent API needs the join token");
+    assert!(child.try_wait().expect("wait").is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
