@@ -60,13 +60,7 @@ impl Cluster {
             c.start_agent(n);
         }
         poll(Duration::from_secs(20), || {
-            let nodes = c.api("cp1", "GET", "/api/v1/nodes", "").json();
-            let ready = nodes
-                .as_array()?
-                .iter()
-                .filter(|n| n["status"] == "ready")
-                .count();
-            (ready == 3).then_some(())
+            (c.ready_nodes("cp1") == 3).then_some(())
         })
         .expect("three agents joined and are ready");
         c
@@ -286,6 +280,33 @@ impl Cluster {
                 })
                 .collect()
         })
+    }
+
+    /// How many nodes a control plane sees ready.
+    pub fn ready_nodes(&self, cp: &str) -> usize {
+        let nodes = self.api(cp, "GET", "/api/v1/nodes", "").json();
+        nodes
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|n| n["status"] == "ready").count())
+    }
+
+    /// Waits until `replicas` ready instances run and none on `node`; their nodes.
+    pub fn replaced_without(
+        &self,
+        cp: &str,
+        node: &str,
+        replicas: usize,
+        within: Duration,
+    ) -> Option<Vec<String>> {
+        poll(within, || {
+            self.settled(cp, replicas)
+                .filter(|n| !n.iter().any(|x| x == node))
+        })
+    }
+
+    /// Waits until `node`'s agent answers and runs nothing.
+    pub fn runs_nothing(&self, node: &str, within: Duration) -> bool {
+        poll(within, || (self.on_agent(node) == Some(0)).then_some(())).is_some()
     }
 
     /// What an agent runs, as its API lists it; `None` if it cannot be reached.

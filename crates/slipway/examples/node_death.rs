@@ -48,11 +48,8 @@ fn main() {
         let load = Load::start(&c.topo, ingresses.clone());
         let killed = Instant::now();
         c.topo.kill_all(node);
-        poll(Duration::from_secs(120), || {
-            c.settled(leader, 6)
-                .filter(|n| !n.iter().any(|x| x == node))
-        })
-        .expect("replaced");
+        c.replaced_without(leader, node, 6, Duration::from_secs(120))
+            .expect("replaced");
         let took = killed.elapsed();
         let (ok, failed) = load.counts();
         println!(
@@ -69,10 +66,10 @@ fn main() {
         all_ok += ok;
         all_failed += failed.len();
         c.start_agent(node);
-        poll(Duration::from_secs(60), || {
-            (c.on_agent(node) == Some(0)).then_some(())
-        })
-        .expect("the node is back and runs nothing stale");
+        assert!(
+            c.runs_nothing(node, Duration::from_secs(60)),
+            "the node is back and runs nothing stale"
+        );
     }
     times.sort();
     let pick = |q: f64| {
@@ -95,8 +92,6 @@ fn main() {
     );
     let (_, _, _) = c.cli(leader, &["service", "rm", "web"]);
     for n in ["n1", "n2", "n3"] {
-        let _ = poll(Duration::from_secs(20), || {
-            (c.on_agent(n) == Some(0)).then_some(())
-        });
+        let _ = c.runs_nothing(n, Duration::from_secs(20));
     }
 }

@@ -77,11 +77,9 @@ fn replicas_spread_over_three_nodes_and_a_dead_or_cut_off_node_is_replaced_withi
     let load = Load::start(&c.topo, ingresses.clone());
     let killed = Instant::now();
     c.topo.kill_all("n1");
-    let nodes = poll(Duration::from_secs(20), || {
-        c.settled(leader, 6)
-            .filter(|n| !n.iter().any(|x| x == "n1"))
-    })
-    .expect("replaced elsewhere");
+    let nodes = c
+        .replaced_without(leader, "n1", 6, Duration::from_secs(20))
+        .expect("replaced elsewhere");
     let took = killed.elapsed();
     let gets = load.finish("kill -9 of n1");
     assert!(
@@ -93,21 +91,18 @@ fn replicas_spread_over_three_nodes_and_a_dead_or_cut_off_node_is_replaced_withi
 
     // It comes back: what it ran is stale and stopped.
     c.start_agent("n1");
-    poll(Duration::from_secs(30), || {
-        (c.on_agent("n1") == Some(0)).then_some(())
-    })
-    .expect("n1's stale instances are stopped once it is back");
+    assert!(
+        c.runs_nothing("n1", Duration::from_secs(30)),
+        "n1's stale instances are stopped once it is back"
+    );
 
     // A node is cut off (its link down): its instances are replaced; when the
     // link returns, what it still runs is stopped.
     let load = Load::start(&c.topo, ingresses.clone());
     let cut = Instant::now();
     c.topo.link("n2", false);
-    poll(Duration::from_secs(20), || {
-        c.settled(leader, 6)
-            .filter(|n| !n.iter().any(|x| x == "n2"))
-    })
-    .expect("n2's instances replaced");
+    c.replaced_without(leader, "n2", 6, Duration::from_secs(20))
+        .expect("n2's instances replaced");
     let took = cut.elapsed();
     let gets = load.finish("n2's link down");
     assert!(
@@ -117,18 +112,18 @@ fn replicas_spread_over_three_nodes_and_a_dead_or_cut_off_node_is_replaced_withi
     eprintln!("n2 cut off: replacements ready after {took:?}; {gets} GETs, none failed");
     assert_eq!(c.on_agent("n2"), None, "n2 cannot be reached while cut off");
     c.topo.link("n2", true);
-    poll(Duration::from_secs(20), || {
-        (c.on_agent("n2") == Some(0)).then_some(())
-    })
-    .expect("n2's stale instances are stopped once it is back");
+    assert!(
+        c.runs_nothing("n2", Duration::from_secs(20)),
+        "n2's stale instances are stopped once it is back"
+    );
 
     let (code, _, err) = c.cli(leader, &["service", "rm", "web"]);
     assert_eq!(code, 0, "{err}");
     for n in ["n1", "n2", "n3"] {
-        poll(Duration::from_secs(20), || {
-            (c.on_agent(n) == Some(0)).then_some(())
-        })
-        .unwrap_or_else(|| panic!("{n} runs nothing after rm"));
+        assert!(
+            c.runs_nothing(n, Duration::from_secs(20)),
+            "{n} runs nothing after rm"
+        );
     }
 }
 
@@ -159,10 +154,10 @@ fn drain_etcd_restart_and_the_death_of_the_leader_mid_rollout_fail_no_request() 
     let nodes = poll(Duration::from_secs(20), || c.settled(leader, 6)).expect("settled");
     load.finish("drain of n3");
     assert!(!nodes.iter().any(|n| n == "n3"), "{nodes:?}");
-    poll(Duration::from_secs(20), || {
-        (c.on_agent("n3") == Some(0)).then_some(())
-    })
-    .expect("n3 runs nothing");
+    assert!(
+        c.runs_nothing("n3", Duration::from_secs(20)),
+        "n3 runs nothing"
+    );
     assert_eq!(c.cli(leader, &["node", "uncordon", "n3"]).0, 0);
 
     // etcd restarts: control planes and agents reconnect, nothing is lost.
@@ -170,13 +165,7 @@ fn drain_etcd_restart_and_the_death_of_the_leader_mid_rollout_fail_no_request() 
     c.proc("etcd").kill();
     c.start_etcd();
     poll(Duration::from_secs(30), || {
-        let nodes = c.api(leader, "GET", "/api/v1/nodes", "").json();
-        let ready = nodes
-            .as_array()?
-            .iter()
-            .filter(|n| n["status"] == "ready")
-            .count();
-        (ready == 3).then_some(())
+        (c.ready_nodes(leader) == 3).then_some(())
     })
     .expect("the agents heartbeat again after etcd's restart");
     let (code, _, err) = c.cli(leader, &["scale", "web", "4"]);
@@ -224,22 +213,15 @@ fn drain_etcd_restart_and_the_death_of_the_leader_mid_rollout_fail_no_request() 
     );
     load.finish("leader killed mid-rollout");
     // The agents heartbeat to the control plane left: no node went down.
-    let nodes = c.api(other, "GET", "/api/v1/nodes", "").json();
-    assert_eq!(
-        nodes
-            .as_array()
-            .map(|a| a.iter().filter(|n| n["status"] == "ready").count()),
-        Some(3),
-        "{nodes}"
-    );
+    assert_eq!(c.ready_nodes(other), 3);
     eprintln!("leader killed mid-rollout: {other} ended it after {took:?}");
 
     let (code, _, err) = c.cli(other, &["service", "rm", "web"]);
     assert_eq!(code, 0, "{err}");
     for n in ["n1", "n2", "n3"] {
-        poll(Duration::from_secs(20), || {
-            (c.on_agent(n) == Some(0)).then_some(())
-        })
-        .unwrap_or_else(|| panic!("{n} runs nothing after rm"));
+        assert!(
+            c.runs_nothing(n, Duration::from_secs(20)),
+            "{n} runs nothing after rm"
+        );
     }
 }
