@@ -233,6 +233,9 @@ pub struct RegistrySection {
     pub upload_purge_after: Dur,
     /// How often to look for abandoned uploads. Default 10m.
     pub upload_purge_interval: Dur,
+    /// `[[registry.immutable]]`: tags that are pushed once, then never moved or
+    /// deleted.
+    pub immutable: Vec<slipway_store::ImmutableRule>,
 }
 
 impl Default for RegistrySection {
@@ -241,6 +244,7 @@ impl Default for RegistrySection {
             max_manifest_bytes: 4 << 20,
             upload_purge_after: Dur(Duration::from_secs(24 * 3600)),
             upload_purge_interval: Dur(Duration::from_secs(600)),
+            immutable: Vec::new(),
         }
     }
 }
@@ -476,6 +480,12 @@ impl Settings {
                         format!("{} is not a readable file", p.display()),
                     ));
                 }
+            }
+        }
+        for (i, rule) in file.registry.immutable.iter().enumerate() {
+            for (field, glob) in [("repository", &rule.repository), ("tags", &rule.tags)] {
+                slipway_core::glob::validate(glob)
+                    .map_err(|e| invalid(&format!("registry.immutable[{i}].{field}"), e))?;
             }
         }
         if file.registry.max_manifest_bytes < 1024 {

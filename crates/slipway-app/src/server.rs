@@ -50,6 +50,7 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
         .await?
         .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+    store.set_immutable(settings.registry.immutable.clone());
     let store = Arc::new(store);
 
     let (events, _) = broadcast::channel::<RegistryEvent>(1024);

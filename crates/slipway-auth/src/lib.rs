@@ -12,7 +12,7 @@
 //! constant-time. An unknown user and a wrong password get the same answer.
 
 pub mod db;
-pub mod glob;
+pub use slipway_core::glob;
 pub mod header;
 pub mod jwt;
 pub mod limiter;

@@ -12,6 +12,7 @@ mod digest;
 mod duration;
 mod error;
 pub mod form;
+pub mod glob;
 pub mod media;
 mod name;
 pub mod placement;

@@ -176,6 +176,7 @@ impl From<StoreError> for RegistryError {
             }
             StoreError::Manifest(ManifestError::Invalid(_)) => Code::ManifestInvalid,
             StoreError::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
+            StoreError::TagImmutable { .. } => Code::Denied,
             StoreError::StorageFull(_) => {
                 return Self::new(Code::Unknown, msg).with_status(StatusCode::INSUFFICIENT_STORAGE);
             }

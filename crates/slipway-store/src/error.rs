@@ -55,6 +55,19 @@ pub enum StoreError {
     /// A manifest references a blob or child manifest missing from the repository.
     #[error("manifest references {0}, which is not in this repository: push it first")]
     ManifestBlobUnknown(Digest),
+    /// The tag is immutable: it may be pushed again only with the same manifest,
+    /// and never deleted.
+    #[error(
+        "tag {repo}:{tag} is immutable (registry rule repository = {rule:?}): push a new tag instead"
+    )]
+    TagImmutable {
+        /// The repository.
+        repo: RepoName,
+        /// The tag.
+        tag: String,
+        /// The repository glob of the rule that makes it immutable.
+        rule: String,
+    },
     /// The disk is full.
     #[error("storage is full: {0}")]
     StorageFull(io::Error),
@@ -88,6 +101,7 @@ impl StoreError {
             | Self::ManifestDigestMismatch { .. }
             | Self::ManifestBlobUnknown(_) => ErrorKind::InvalidArgument,
             Self::StorageFull(_) => ErrorKind::ResourceExhausted,
+            Self::TagImmutable { .. } => ErrorKind::PermissionDenied,
             Self::Io { .. } | Self::Db(_) => ErrorKind::Internal,
         }
     }

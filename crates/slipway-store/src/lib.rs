@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use slipway_core::Digest;
+use slipway_core::{Digest, RepoName};
 
 use crate::blobs::FsBlobs;
 
@@ -51,6 +51,25 @@ pub struct Store {
     touched: Mutex<HashMap<Digest, u64>>,
     manifest_cache: Mutex<ManifestCache>,
     stored_bytes: AtomicU64,
+    /// Which tags may not be moved or deleted.
+    immutable: RwLock<Vec<ImmutableRule>>,
+}
+
+/// Tags that may be pushed once and never moved or deleted: those of repositories
+/// matching `repository` whose names match `tags` (globs: `*` any run, `?` one
+/// character).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImmutableRule {
+    /// Repository glob, e.g. `prod/*`.
+    pub repository: String,
+    /// Tag glob; default `*`.
+    #[serde(default = "any_tag")]
+    pub tags: String,
+}
+
+fn any_tag() -> String {
+    "*".into()
 }
 
 #[derive(Default)]
@@ -78,6 +97,7 @@ impl Store {
             touched: Mutex::default(),
             manifest_cache: Mutex::default(),
             stored_bytes: AtomicU64::new(0),
+            immutable: RwLock::default(),
         };
         store
             .stored_bytes
@@ -108,6 +128,39 @@ impl Store {
             std::io::ErrorKind::NotFound => StoreError::BlobUnknown(digest.clone()),
             _ => StoreError::io(format!("open blob {digest}"), e),
         })
+    }
+
+    /// Makes the tags `rules` match immutable (replacing earlier rules).
+    pub fn set_immutable(&self, rules: Vec<ImmutableRule>) {
+        *self
+            .immutable
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rules;
+    }
+
+    /// The rule that makes `repo:tag` immutable, if any.
+    pub(crate) fn immutable_rule(&self, repo: &RepoName, tag: &str) -> Option<String> {
+        self.immutable
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|r| {
+                slipway_core::glob::matches(&r.repository, repo.as_str())
+                    && slipway_core::glob::matches(&r.tags, tag)
+            })
+            .map(|r| r.repository.clone())
+    }
+
+    /// Refuses a change to `repo:tag` if a rule makes it immutable.
+    pub(crate) fn check_mutable(&self, repo: &RepoName, tag: &str) -> Result<()> {
+        match self.immutable_rule(repo, tag) {
+            Some(rule) => Err(StoreError::TagImmutable {
+                repo: repo.clone(),
+                tag: tag.to_owned(),
+                rule,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn cached_manifest(&self, digest: &Digest) -> Option<Bytes> {

@@ -339,8 +339,16 @@ impl Store {
             }
             if let Reference::Tag(tag) = reference {
                 let mut tags = txn.open_table(TAGS).map_err(db)?;
-                tags.insert(key(repo.as_str(), tag.as_str()).as_str(), d.as_str())
-                    .map_err(db)?;
+                let k = key(repo.as_str(), tag.as_str());
+                // An immutable tag may be pushed again only with the same manifest.
+                let moved = tags
+                    .get(k.as_str())
+                    .map_err(db)?
+                    .is_some_and(|v| v.value() != d);
+                if moved {
+                    self.check_mutable(repo, tag.as_str())?;
+                }
+                tags.insert(k.as_str(), d.as_str()).map_err(db)?;
             }
             if let Some(subject) = &record.parsed.subject {
                 let desc = ReferrerDescriptor {
@@ -455,6 +463,11 @@ impl Store {
                     doomed.push(k.value().to_owned());
                 }
             }
+            for k in &doomed {
+                if let Some((_, t)) = k.split_once('\0') {
+                    self.check_mutable(repo, t)?;
+                }
+            }
             for k in doomed {
                 tags.remove(k.as_str()).map_err(db)?;
                 if let Some(Ok(t)) = k.split_once('\0').map(|(_, t)| t.parse()) {
@@ -473,6 +486,7 @@ impl Store {
 
     /// Deletes one tag; the manifest stays.
     pub fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Digest> {
+        self.check_mutable(repo, tag.as_str())?;
         let txn = self.db.begin_write().map_err(db)?;
         let digest;
         {

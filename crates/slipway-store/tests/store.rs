@@ -366,3 +366,63 @@ fn abandoned_uploads_are_purged_after_their_age() {
         0
     );
 }
+
+#[test]
+fn an_immutable_tag_is_pushed_again_only_with_the_same_manifest_and_is_never_deleted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    store.set_immutable(vec![slipway_store::ImmutableRule {
+        repository: "prod/*".into(),
+        tags: "v*".into(),
+    }]);
+    let r = repo("prod/web");
+    let c1 = push_blob(&store, &r, b"{\"a\":1}");
+    let c2 = push_blob(&store, &r, b"{\"a\":2}");
+    let (one, two) = (
+        image_manifest(&c1, &[], None),
+        image_manifest(&c2, &[], None),
+    );
+    let v1 = Reference::parse("v1").expect("tag");
+    let put = store.put_manifest(&r, &v1, &one, None).expect("first push");
+    store
+        .put_manifest(&r, &v1, &one, None)
+        .expect("the same manifest again");
+    let refused = store.put_manifest(&r, &v1, &two, None);
+    assert!(
+        matches!(&refused, Err(StoreError::TagImmutable { tag, rule, .. }) if tag == "v1" && rule == "prod/*"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.stat_manifest(&r, &v1).expect("stat").digest,
+        put.digest,
+        "the tag did not move"
+    );
+    assert!(matches!(
+        store.delete_tag(&r, &"v1".parse().expect("tag")),
+        Err(StoreError::TagImmutable { .. })
+    ));
+    assert!(matches!(
+        store.delete_manifest(&r, &put.digest),
+        Err(StoreError::TagImmutable { .. })
+    ));
+    assert!(
+        store
+            .stat_manifest(&r, &Reference::Digest(put.digest.clone()))
+            .is_ok()
+    );
+    // Tags and repositories the rule does not name move freely.
+    let latest = Reference::parse("latest").expect("tag");
+    store.put_manifest(&r, &latest, &one, None).expect("latest");
+    store
+        .put_manifest(&r, &latest, &two, None)
+        .expect("latest moves");
+    let dev = repo("dev/web");
+    let c3 = push_blob(&store, &dev, b"{\"a\":1}");
+    let c4 = push_blob(&store, &dev, b"{\"a\":2}");
+    store
+        .put_manifest(&dev, &v1, &image_manifest(&c3, &[], None), None)
+        .expect("dev v1");
+    store
+        .put_manifest(&dev, &v1, &image_manifest(&c4, &[], None), None)
+        .expect("dev v1 moves");
+}

@@ -738,3 +738,54 @@ fn large_blobs_arrive_intact_by_sendfile_whole_in_ranges_and_back_to_back() {
         .expect("the zero-copy counter");
     assert_eq!(zero_copy, 4 * 3_333_337 + 2_000_000 + 70_000);
 }
+
+#[test]
+fn an_immutable_tag_refuses_a_new_manifest_and_deletion_with_denied() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("slipway.toml");
+    std::fs::write(
+        &config,
+        "[[registry.immutable]]\nrepository = \"prod/*\"\ntags = \"v*\"\n",
+    )
+    .expect("config");
+    let s = TestServer::start_with(BIN, &["--config", &config.display().to_string()]);
+    let (digest, _) = s.push_image("prod/web", "v1", b"{\"v\":1}", &[b"one"]);
+    // The same manifest again is fine; another one under the tag is not.
+    s.push_image("prod/web", "v1", b"{\"v\":1}", &[b"one"]);
+    let c2 = s.push_blob("prod/web", b"{\"v\":2}");
+    let other = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c2}","size":7}},"layers":[]}}"#
+    );
+    let r = s.request(
+        "PUT",
+        "/v2/prod/web/manifests/v1",
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        other.as_bytes(),
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error_code(), "DENIED");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("immutable"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let head = s.request("HEAD", "/v2/prod/web/manifests/v1", &[], b"");
+    assert_eq!(head.header("docker-content-digest"), Some(digest.as_str()));
+    for path in [
+        "/v2/prod/web/manifests/v1",
+        &format!("/v2/prod/web/manifests/{digest}"),
+    ] {
+        let r = s.request("DELETE", path, &[], b"");
+        assert_eq!(r.status, 403, "DELETE {path}");
+        assert_eq!(r.error_code(), "DENIED");
+    }
+    // Other tags move.
+    s.push_image("prod/web", "latest", b"{\"v\":1}", &[b"one"]);
+    let r = s.request(
+        "PUT",
+        "/v2/prod/web/manifests/latest",
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        other.as_bytes(),
+    );
+    assert_eq!(r.status, 201);
+}
