@@ -27,6 +27,9 @@ pub struct GcReport {
     pub blobs: Vec<(String, u64)>,
     /// Untagged manifests removed, as (repository, digest).
     pub manifests: Vec<(String, String)>,
+    /// Tags retention removed, as (repository, tag, digest).
+    #[serde(default)]
+    pub tags: Vec<(String, String, String)>,
     /// Sum of removed blob sizes.
     pub bytes_freed: u64,
     /// Layer snapshots the runtime removed (no container and no recent

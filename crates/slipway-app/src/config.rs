@@ -236,6 +236,8 @@ pub struct RegistrySection {
     /// `[[registry.immutable]]`: tags that are pushed once, then never moved or
     /// deleted.
     pub immutable: Vec<slipway_store::ImmutableRule>,
+    /// `[[registry.retention]]`: which tags garbage collection keeps.
+    pub retention: Vec<slipway_store::RetentionRule>,
 }
 
 impl Default for RegistrySection {
@@ -245,6 +247,7 @@ impl Default for RegistrySection {
             upload_purge_after: Dur(Duration::from_secs(24 * 3600)),
             upload_purge_interval: Dur(Duration::from_secs(600)),
             immutable: Vec::new(),
+            retention: Vec::new(),
         }
     }
 }
@@ -486,6 +489,14 @@ impl Settings {
             for (field, glob) in [("repository", &rule.repository), ("tags", &rule.tags)] {
                 slipway_core::glob::validate(glob)
                     .map_err(|e| invalid(&format!("registry.immutable[{i}].{field}"), e))?;
+            }
+        }
+        for (i, rule) in file.registry.retention.iter().enumerate() {
+            let globs = std::iter::once(("repository", &rule.repository))
+                .chain(rule.keep_tags.as_ref().map(|g| ("keep_tags", g)));
+            for (field, glob) in globs {
+                slipway_core::glob::validate(glob)
+                    .map_err(|e| invalid(&format!("registry.retention[{i}].{field}"), e))?;
             }
         }
         if file.registry.max_manifest_bytes < 1024 {

@@ -108,7 +108,13 @@ async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Resp
         dry_run: q.dry_run,
         ..state.gc.clone()
     };
-    let registry = tasks::gc_once(state.registry.store(), &state.metrics, opts).await;
+    let registry = tasks::gc_once(
+        state.registry.store(),
+        &state.metrics,
+        &state.services,
+        opts,
+    )
+    .await;
     // Asked for, unused snapshots go now, whatever their grace.
     let snapshot_opts = slipway_runtime::SnapshotGcOptions {
         grace: Duration::ZERO,
@@ -132,6 +138,11 @@ async fn run_gc(State(state): State<AppState>, Query(q): Query<GcQuery>) -> Resp
                 .manifests
                 .into_iter()
                 .map(|(r, d)| (r, d.to_string()))
+                .collect(),
+            tags: report
+                .tags
+                .into_iter()
+                .map(|(r, t, d)| (r, t, d.to_string()))
                 .collect(),
             bytes_freed: report.bytes_freed,
             snapshots: snapshots.removed,

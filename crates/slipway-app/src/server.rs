@@ -220,9 +220,10 @@ pub async fn serve(
         metrics: metrics.clone(),
         prometheus,
         gc: GcOptions {
-            dry_run: false,
             delete_untagged: settings.gc.delete_untagged,
             grace: settings.gc.grace_period.0,
+            retention: settings.registry.retention.clone(),
+            ..GcOptions::default()
         },
         snapshot_gc: slipway_runtime::SnapshotGcOptions {
             grace: settings.runtime.snapshot_grace.0,
@@ -249,6 +250,7 @@ pub async fn serve(
         background.spawn(tasks::gc_loop(
             store.clone(),
             metrics.clone(),
+            services.clone(),
             state.gc.clone(),
             every.0,
             stop_rx.clone(),

@@ -20,8 +20,14 @@ use crate::metrics::AppMetrics;
 pub(crate) async fn gc_once(
     store: &Arc<Store>,
     metrics: &AppMetrics,
+    services: &crate::services::Services,
     opts: GcOptions,
 ) -> Result<GcReport, StoreError> {
+    // Retention never takes a tag from what a service runs or may roll back to.
+    let opts = GcOptions {
+        protected: services.recent_images().into_iter().collect(),
+        ..opts
+    };
     let store = store.clone();
     let report = tokio::task::spawn_blocking(move || store.gc(&opts))
         .await
@@ -34,6 +40,7 @@ pub(crate) async fn gc_once(
         dry_run = report.dry_run,
         blobs = report.blobs.len(),
         manifests = report.manifests.len(),
+        tags = report.tags.len(),
         bytes = report.bytes_freed,
         "garbage collection finished"
     );
@@ -88,6 +95,7 @@ pub(crate) async fn snapshot_gc_loop(
 pub(crate) async fn gc_loop(
     store: Arc<Store>,
     metrics: Arc<AppMetrics>,
+    services: Arc<crate::services::Services>,
     opts: GcOptions,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -97,7 +105,7 @@ pub(crate) async fn gc_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = gc_once(&store, &metrics, opts.clone()).await {
+                if let Err(e) = gc_once(&store, &metrics, &services, opts.clone()).await {
                     tracing::error!("periodic garbage collection failed: {e}");
                 }
             }

@@ -31,7 +31,7 @@ pub fn repo_of(image: &str) -> &str {
 
 /// A semver tag (`1.2.3` or `v1.2.3`).
 pub fn version(tag: &str) -> Option<semver::Version> {
-    semver::Version::parse(tag.trim_start_matches('v')).ok()
+    slipway_core::tag_version(tag)
 }
 
 /// Whether `tag` should roll out, given the tag the service runs or has queued:

@@ -22,4 +22,4 @@ pub mod service;
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use duration::{DurationError, format_duration, now_ms, parse_duration};
 pub use error::ErrorKind;
-pub use name::{NameError, Reference, ReferenceError, RepoName, Tag};
+pub use name::{NameError, Reference, ReferenceError, RepoName, Tag, tag_version};

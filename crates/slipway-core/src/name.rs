@@ -251,3 +251,8 @@ mod tests {
         ));
     }
 }
+
+/// The version a tag names, if it is semver (`1.2.3` or `v1.2.3`).
+pub fn tag_version(tag: &str) -> Option<semver::Version> {
+    semver::Version::parse(tag.trim_start_matches('v')).ok()
+}

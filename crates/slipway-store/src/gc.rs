@@ -5,7 +5,7 @@
 //! references). Files are unlinked after commit while holding the blob lock for
 //! writing, so an upload that re-commits the same digest cannot lose its file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use redb::ReadableTable;
@@ -13,12 +13,12 @@ use slipway_core::Digest;
 
 use crate::error::{Result, StoreError, db};
 use crate::meta::{
-    BLOBS, MANIFESTS, ManifestRecord, REFERRERS, REPO_BLOBS, REPOS, TAGS, from_json,
+    BLOBS, MANIFESTS, ManifestRecord, REFERRERS, REPO_BLOBS, REPOS, TAG_TIMES, TAGS, from_json,
 };
 use crate::{Store, lock, now_ms};
 
 /// What a GC run does.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GcOptions {
     /// Report what would go, change nothing.
     pub dry_run: bool,
@@ -26,6 +26,41 @@ pub struct GcOptions {
     pub delete_untagged: bool,
     /// Anything created or looked up more recently than this is kept.
     pub grace: Duration,
+    /// Which tags of which repositories to keep; the others go, with the
+    /// manifests they leave untagged.
+    pub retention: Vec<RetentionRule>,
+    /// Manifests that something runs (services' live and recent revisions):
+    /// retention never removes a tag that points at one.
+    pub protected: HashSet<Digest>,
+}
+
+/// Keep the newest `keep_last` tags of repositories matching `repository`, by
+/// push time or by semver, and every tag matching `keep_tags`. Immutable tags and
+/// tags of manifests something runs are always kept.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Repository glob.
+    pub repository: String,
+    /// How many tags to keep.
+    pub keep_last: usize,
+    /// Which are newest.
+    #[serde(default)]
+    pub order: RetentionOrder,
+    /// Tags matching this glob are kept whatever their rank.
+    #[serde(default)]
+    pub keep_tags: Option<String>,
+}
+
+/// How retention ranks tags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionOrder {
+    /// The tags pushed last are newest.
+    #[default]
+    Pushed,
+    /// The highest versions are newest; tags that are not semver are kept.
+    Semver,
 }
 
 /// What a GC run freed (or would free, on a dry run).
@@ -37,6 +72,8 @@ pub struct GcReport {
     pub blobs: Vec<(Digest, u64)>,
     /// Untagged manifests removed, as (repository, digest).
     pub manifests: Vec<(String, Digest)>,
+    /// Tags retention removed, as (repository, tag, digest).
+    pub tags: Vec<(String, String, Digest)>,
     /// Sum of removed blob sizes.
     pub bytes_freed: u64,
 }
@@ -49,6 +86,84 @@ fn parse_digest(s: &str) -> Result<Digest> {
 // === impl Store: gc ===
 
 impl Store {
+    /// Removes the tags retention does not keep (in `txn`); returns the
+    /// manifests (`repo\0digest`) whose tags it removed.
+    fn apply_retention(
+        &self,
+        txn: &redb::WriteTransaction,
+        opts: &GcOptions,
+        all: &HashMap<String, ManifestRecord>,
+        report: &mut GcReport,
+    ) -> Result<HashSet<String>> {
+        let mut orphans = HashSet::new();
+        if opts.retention.is_empty() {
+            return Ok(orphans);
+        }
+        let mut tags = txn.open_table(TAGS).map_err(db)?;
+        let mut times = txn.open_table(TAG_TIMES).map_err(db)?;
+        // repo -> (tag, digest)
+        let mut by_repo: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for row in tags.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if let Some((repo, tag)) = k.value().split_once('\0') {
+                by_repo
+                    .entry(repo.to_owned())
+                    .or_default()
+                    .push((tag.to_owned(), v.value().to_owned()));
+            }
+        }
+        for (repo, list) in by_repo {
+            let Some(rule) = opts
+                .retention
+                .iter()
+                .find(|r| slipway_core::glob::matches(&r.repository, &repo))
+            else {
+                continue;
+            };
+            let Ok(repo_name) = repo.parse::<slipway_core::RepoName>() else {
+                continue;
+            };
+            let mut ranked: Vec<(String, String, u64, Option<semver::Version>)> = Vec::new();
+            for (tag, digest) in list {
+                let kept = rule
+                    .keep_tags
+                    .as_deref()
+                    .is_some_and(|g| slipway_core::glob::matches(g, &tag))
+                    || self.immutable_rule(&repo_name, &tag).is_some();
+                let version = slipway_core::tag_version(&tag);
+                if kept || (rule.order == RetentionOrder::Semver && version.is_none()) {
+                    continue;
+                }
+                let k = format!("{repo}\0{tag}");
+                let pushed = match times.get(k.as_str()).map_err(db)? {
+                    Some(t) => t.value(),
+                    None => all
+                        .get(&format!("{repo}\0{digest}"))
+                        .map_or(0, |r| r.created_ms),
+                };
+                ranked.push((tag, digest, pushed, version));
+            }
+            match rule.order {
+                RetentionOrder::Pushed => {
+                    ranked.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| b.0.cmp(&a.0)));
+                }
+                RetentionOrder::Semver => ranked.sort_by(|a, b| b.3.cmp(&a.3)),
+            }
+            for (tag, digest, _, _) in ranked.into_iter().skip(rule.keep_last) {
+                let d = parse_digest(&digest)?;
+                if opts.protected.contains(&d) {
+                    continue;
+                }
+                let k = format!("{repo}\0{tag}");
+                tags.remove(k.as_str()).map_err(db)?;
+                times.remove(k.as_str()).map_err(db)?;
+                orphans.insert(format!("{repo}\0{digest}"));
+                report.tags.push((repo.clone(), tag, d));
+            }
+        }
+        Ok(orphans)
+    }
+
     /// Runs one garbage collection.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
         let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
@@ -76,7 +191,9 @@ impl Store {
                 all.insert(k.value().to_owned(), from_json(v.value())?);
             }
 
-            if opts.delete_untagged {
+            // Retention first: the manifests it leaves untagged go below.
+            let orphans = self.apply_retention(&txn, opts, &all, &mut report)?;
+            if opts.delete_untagged || !orphans.is_empty() {
                 let tags = txn.open_table(TAGS).map_err(db)?;
                 let mut tagged = HashSet::new();
                 for row in tags.iter().map_err(db)? {
@@ -106,7 +223,8 @@ impl Store {
                     let doomed: Vec<String> = all
                         .iter()
                         .filter(|(k, rec)| {
-                            !tagged.contains(*k)
+                            (opts.delete_untagged || orphans.contains(*k))
+                                && !tagged.contains(*k)
                                 && !kept_by_others.contains(*k)
                                 && rec.created_ms <= cutoff
                         })

@@ -21,7 +21,7 @@ mod meta;
 mod uploads;
 
 pub use error::{Result, StoreError};
-pub use gc::{GcOptions, GcReport};
+pub use gc::{GcOptions, GcReport, RetentionOrder, RetentionRule};
 pub use manifest::{ManifestError, ParsedManifest};
 pub use meta::{ManifestMeta, PutManifest, ReferrerDescriptor};
 pub use uploads::UploadWriter;

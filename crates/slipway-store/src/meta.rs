@@ -25,6 +25,8 @@ pub(crate) const REPO_BLOBS: TableDefinition<&str, u64> = TableDefinition::new("
 pub(crate) const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
 /// repo\0tag -> digest
 pub(crate) const TAGS: TableDefinition<&str, &str> = TableDefinition::new("tags");
+/// `repo\0tag` → when the tag last pointed at a new manifest (ms), for retention.
+pub(crate) const TAG_TIMES: TableDefinition<&str, u64> = TableDefinition::new("tag_times");
 /// repo\0subject\0referrer -> JSON [`ReferrerDescriptor`]
 pub(crate) const REFERRERS: TableDefinition<&str, &[u8]> = TableDefinition::new("referrers");
 /// upload uuid -> JSON upload record
@@ -348,7 +350,12 @@ impl Store {
                 if moved {
                     self.check_mutable(repo, tag.as_str())?;
                 }
+                let fresh = moved || tags.get(k.as_str()).map_err(db)?.is_none();
                 tags.insert(k.as_str(), d.as_str()).map_err(db)?;
+                if fresh {
+                    let mut times = txn.open_table(TAG_TIMES).map_err(db)?;
+                    times.insert(k.as_str(), now).map_err(db)?;
+                }
             }
             if let Some(subject) = &record.parsed.subject {
                 let desc = ReferrerDescriptor {
@@ -468,8 +475,10 @@ impl Store {
                     self.check_mutable(repo, t)?;
                 }
             }
+            let mut times = txn.open_table(TAG_TIMES).map_err(db)?;
             for k in doomed {
                 tags.remove(k.as_str()).map_err(db)?;
+                times.remove(k.as_str()).map_err(db)?;
                 if let Some(Ok(t)) = k.split_once('\0').map(|(_, t)| t.parse()) {
                     removed_tags.push(t);
                 }
@@ -501,6 +510,11 @@ impl Store {
                 .value()
                 .parse()
                 .map_err(|e| StoreError::Db(format!("bad digest in tags table: {e}")))?;
+            drop(v);
+            let mut times = txn.open_table(TAG_TIMES).map_err(db)?;
+            times
+                .remove(key(repo.as_str(), tag.as_str()).as_str())
+                .map_err(db)?;
         }
         txn.commit().map_err(db)?;
         Ok(digest)

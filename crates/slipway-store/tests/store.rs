@@ -41,9 +41,9 @@ fn image_manifest(config: &Digest, layers: &[&Digest], subject: Option<&Digest>)
 
 fn no_grace(delete_untagged: bool) -> GcOptions {
     GcOptions {
-        dry_run: false,
         delete_untagged,
         grace: Duration::ZERO,
+        ..GcOptions::default()
     }
 }
 
@@ -297,9 +297,9 @@ fn gc_removes_only_unreferenced_blobs_and_untagged_manifests_when_asked() {
     // With a grace period everything recent survives.
     let report = store
         .gc(&GcOptions {
-            dry_run: false,
             delete_untagged: true,
             grace: Duration::from_secs(600),
+            ..GcOptions::default()
         })
         .expect("gc");
     assert!(report.blobs.is_empty() && report.manifests.is_empty());
@@ -425,4 +425,97 @@ fn an_immutable_tag_is_pushed_again_only_with_the_same_manifest_and_is_never_del
     store
         .put_manifest(&dev, &v1, &image_manifest(&c4, &[], None), None)
         .expect("dev v1 moves");
+}
+
+/// Pushes one manifest per tag (each with its own config) into `r`; their digests.
+fn push_tagged(store: &Store, r: &RepoName, tags: &[&str]) -> Vec<Digest> {
+    tags.iter()
+        .map(|t| {
+            let config = push_blob(store, r, format!("{{\"tag\":\"{t}\"}}").as_bytes());
+            let body = image_manifest(&config, &[], None);
+            let tag = Reference::parse(t).expect("tag");
+            store
+                .put_manifest(r, &tag, &body, None)
+                .expect("put")
+                .digest
+        })
+        .collect()
+}
+
+fn tags_of(store: &Store, r: &RepoName) -> Vec<String> {
+    store.list_tags(r, None, None).expect("tags")
+}
+
+#[test]
+fn retention_keeps_the_newest_kept_immutable_and_running_tags_and_removes_the_rest_with_their_manifests()
+ {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    let r = repo("app/web");
+    let digests = push_tagged(&store, &r, &["t1", "t2", "t3", "t4", "t5", "stable"]);
+    let rule = slipway_store::RetentionRule {
+        repository: "app/*".into(),
+        keep_last: 2,
+        order: slipway_store::RetentionOrder::Pushed,
+        keep_tags: Some("stable".into()),
+    };
+    let opts = GcOptions {
+        retention: vec![rule],
+        protected: [digests[0].clone()].into_iter().collect(),
+        ..no_grace(false)
+    };
+    let dry = store
+        .gc(&GcOptions {
+            dry_run: true,
+            ..opts.clone()
+        })
+        .expect("dry run");
+    let mut would: Vec<&str> = dry.tags.iter().map(|(_, t, _)| t.as_str()).collect();
+    would.sort_unstable();
+    assert_eq!(
+        would,
+        ["t2", "t3"],
+        "t5 and t4 newest, t1 runs, stable kept"
+    );
+    assert_eq!(tags_of(&store, &r).len(), 6, "a dry run changes nothing");
+    let report = store.gc(&opts).expect("gc");
+    assert_eq!(report.tags.len(), 2);
+    assert_eq!(tags_of(&store, &r), ["stable", "t1", "t4", "t5"]);
+    for d in &digests[1..3] {
+        assert!(
+            store
+                .stat_manifest(&r, &Reference::Digest(d.clone()))
+                .is_err(),
+            "the manifests retention left untagged go"
+        );
+    }
+    assert_eq!(report.manifests.len(), 2);
+    assert_eq!(report.blobs.len(), 4, "their manifests and configs");
+}
+
+#[test]
+fn semver_retention_ranks_by_version_and_keeps_other_tags_and_immutable_ones() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path()).expect("open");
+    store.set_immutable(vec![slipway_store::ImmutableRule {
+        repository: "lib/*".into(),
+        tags: "v1.0.0".into(),
+    }]);
+    let r = repo("lib/x");
+    push_tagged(
+        &store,
+        &r,
+        &["v1.0.0", "v2.0.0", "v1.5.0", "1.4.0", "latest"],
+    );
+    let opts = GcOptions {
+        retention: vec![slipway_store::RetentionRule {
+            repository: "lib/*".into(),
+            keep_last: 1,
+            order: slipway_store::RetentionOrder::Semver,
+            keep_tags: None,
+        }],
+        ..no_grace(false)
+    };
+    store.gc(&opts).expect("gc");
+    assert_eq!(tags_of(&store, &r), ["latest", "v1.0.0", "v2.0.0"]);
 }

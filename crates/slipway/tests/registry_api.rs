@@ -1,7 +1,7 @@
 //! Raw-HTTP tests of every registry endpoint and every bad-input case, against the
 //! real `slipway serve` binary.
 
-use slipway_testkit::{TestServer, open_request, read_response, sha256};
+use slipway_testkit::{TestServer, cli, open_request, read_response, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -788,4 +788,58 @@ fn an_immutable_tag_refuses_a_new_manifest_and_deletion_with_denied() {
         other.as_bytes(),
     );
     assert_eq!(r.status, 201);
+}
+
+#[test]
+fn retention_removes_old_tags_on_gc_but_never_what_a_service_runs_and_dry_run_shows_it_first() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("slipway.toml");
+    std::fs::write(
+        &config,
+        "[[registry.retention]]\nrepository = \"app/*\"\nkeep_last = 1\n",
+    )
+    .expect("config");
+    let s = TestServer::start_with(BIN, &["--config", &config.display().to_string()]);
+    for (tag, version) in [
+        ("app/web:v1", "1"),
+        ("app/web:v2", "2"),
+        ("app/web:v3", "3"),
+    ] {
+        slipway_testkit::pack_hello(BIN, &s, tag, version);
+    }
+    // A service runs v1, the oldest.
+    let spec = dir.path().join("web.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"web\"\nimage = \"app/web:v1\"\nreplicas = 1\n[ingress]\nlisten = \"127.0.0.1:{}\"\n",
+            slipway_testkit::free_port()
+        ),
+    )
+    .expect("spec");
+    let (code, _, err) = cli(BIN, &s, &["deploy", &spec.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli(BIN, &s, &["gc", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("tag app/web:v2"), "{out}");
+    assert!(
+        !out.contains("app/web:v1") && !out.contains("app/web:v3 "),
+        "{out}"
+    );
+    let tags = s.get("/v2/app/web/tags/list").json();
+    assert_eq!(
+        tags["tags"],
+        serde_json::json!(["v1", "v2", "v3"]),
+        "a dry run removes nothing"
+    );
+    let (code, out, err) = cli(BIN, &s, &["gc"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 tags by retention"), "{out}");
+    let tags = s.get("/v2/app/web/tags/list").json();
+    assert_eq!(
+        tags["tags"],
+        serde_json::json!(["v1", "v3"]),
+        "v3 newest, v1 runs"
+    );
+    assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
 }

@@ -20,6 +20,9 @@ pub async fn gc(client: &Client, dry_run: bool, format: Format) -> anyhow::Resul
         return output::json(&report);
     }
     let verb = if dry_run { "would free" } else { "freed" };
+    for (repo, tag, digest) in &report.tags {
+        println!("tag {repo}:{tag} ({digest}), by retention");
+    }
     for (repo, digest) in &report.manifests {
         println!("manifest {repo}@{digest}");
     }
@@ -30,10 +33,11 @@ pub async fn gc(client: &Client, dry_run: bool, format: Format) -> anyhow::Resul
         println!("snapshot {digest} ({size} bytes)");
     }
     println!(
-        "registry: {verb} {} bytes: {} blobs, {} untagged manifests",
+        "registry: {verb} {} bytes: {} blobs, {} untagged manifests, {} tags by retention",
         report.bytes_freed,
         report.blobs.len(),
-        report.manifests.len()
+        report.manifests.len(),
+        report.tags.len()
     );
     println!(
         "runtime: {verb} {} bytes: {} unused layer snapshots",
