@@ -189,6 +189,11 @@ pub enum ReferenceError {
     Tag(NameError),
 }
 
+/// The version a tag names, if it is semver (`1.2.3` or `v1.2.3`).
+pub fn tag_version(tag: &str) -> Option<semver::Version> {
+    semver::Version::parse(tag.trim_start_matches('v')).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,9 +255,4 @@ mod tests {
             Err(ReferenceError::Tag(_))
         ));
     }
-}
-
-/// The version a tag names, if it is semver (`1.2.3` or `v1.2.3`).
-pub fn tag_version(tag: &str) -> Option<semver::Version> {
-    semver::Version::parse(tag.trim_start_matches('v')).ok()
 }
