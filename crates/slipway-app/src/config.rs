@@ -238,6 +238,8 @@ pub struct RegistrySection {
     pub immutable: Vec<slipway_store::ImmutableRule>,
     /// `[[registry.retention]]`: which tags garbage collection keeps.
     pub retention: Vec<slipway_store::RetentionRule>,
+    /// `[[registry.mirror]]`: pull-through mirrors of other registries.
+    pub mirror: Vec<crate::mirror::MirrorConfig>,
 }
 
 impl Default for RegistrySection {
@@ -248,6 +250,7 @@ impl Default for RegistrySection {
             upload_purge_interval: Dur(Duration::from_secs(600)),
             immutable: Vec::new(),
             retention: Vec::new(),
+            mirror: Vec::new(),
         }
     }
 }
@@ -497,6 +500,24 @@ impl Settings {
             for (field, glob) in globs {
                 slipway_core::glob::validate(glob)
                     .map_err(|e| invalid(&format!("registry.retention[{i}].{field}"), e))?;
+            }
+        }
+        for (i, m) in file.registry.mirror.iter().enumerate() {
+            if m.prefix
+                .trim_end_matches('/')
+                .parse::<slipway_core::RepoName>()
+                .is_err()
+            {
+                return Err(invalid(
+                    &format!("registry.mirror[{i}].prefix"),
+                    format!("{:?} must be a repository name, e.g. \"hub\"", m.prefix),
+                ));
+            }
+            if m.upstream.trim().is_empty() || m.upstream.starts_with("https://") {
+                return Err(invalid(
+                    &format!("registry.mirror[{i}].upstream"),
+                    "must be an upstream registry's HOST:PORT or http://HOST:PORT (https upstreams are not supported yet)".into(),
+                ));
             }
         }
         if file.registry.max_manifest_bytes < 1024 {

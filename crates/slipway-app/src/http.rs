@@ -29,6 +29,8 @@ pub(crate) struct AppState {
     pub gate: Arc<crate::auth::Gate>,
     /// This node's agent API, with etcd and a join token.
     pub agent: Option<crate::agent::AgentState>,
+    /// Pull-through mirrors in front of the registry.
+    pub mirrors: Arc<crate::mirror::Mirrors>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -58,8 +60,11 @@ pub(crate) fn router(state: AppState) -> Router {
     };
     // The registry router is a catch-all: it serves /v2 and answers every other
     // unknown path with OCI error JSON.
+    let registry = slipway_registry::router(state.registry.clone()).layer(
+        axum::middleware::from_fn_with_state(state.mirrors.clone(), crate::mirror::layer),
+    );
     admin
-        .fallback_service(slipway_registry::router(state.registry.clone()))
+        .fallback_service(registry)
         .layer(axum::middleware::from_fn_with_state(
             state.gate.clone(),
             crate::auth::gate,

@@ -17,6 +17,7 @@ pub mod config;
 mod containers;
 mod http;
 mod metrics;
+mod mirror;
 mod nodes;
 mod peer;
 mod server;

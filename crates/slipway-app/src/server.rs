@@ -211,6 +211,7 @@ pub async fn serve(
     let prometheus =
         Arc::new(metrics.registry(registry.metrics(), store.clone(), services.clone()));
     let state = AppState {
+        mirrors: crate::mirror::Mirrors::new(&settings.registry.mirror, store.clone()),
         agent,
         gate,
         nodes,

@@ -285,6 +285,30 @@ impl Store {
         body: &[u8],
         content_type: Option<&str>,
     ) -> Result<PutManifest> {
+        self.store_manifest(repo, reference, body, content_type, true)
+    }
+
+    /// Stores a manifest fetched from the upstream of a pull-through mirror: its
+    /// blobs and children are fetched when asked for, so they need not be here
+    /// yet. Everything else is as [`Store::put_manifest`].
+    pub fn put_mirrored_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<PutManifest> {
+        self.store_manifest(repo, reference, body, content_type, false)
+    }
+
+    fn store_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        body: &[u8],
+        content_type: Option<&str>,
+        check_refs: bool,
+    ) -> Result<PutManifest> {
         let parsed = manifest::parse(body, content_type)?;
         let digest = match reference {
             Reference::Digest(expected) => {
@@ -306,7 +330,7 @@ impl Store {
         let now = now_ms();
 
         // Check references before writing anything, so a refused push leaves no file.
-        {
+        if check_refs {
             let r = self.db.begin_read().map_err(db)?;
             let links = r.open_table(REPO_BLOBS).map_err(db)?;
             let manifests = r.open_table(MANIFESTS).map_err(db)?;
@@ -329,7 +353,9 @@ impl Store {
             // Re-check inside the write transaction: GC may have run since the read.
             let links = txn.open_table(REPO_BLOBS).map_err(db)?;
             let mut manifests = txn.open_table(MANIFESTS).map_err(db)?;
-            check_references(repo, &record.parsed, &links, &manifests)?;
+            if check_refs {
+                check_references(repo, &record.parsed, &links, &manifests)?;
+            }
             drop(links);
             manifests
                 .insert(key(repo.as_str(), &d).as_str(), json(&record)?.as_slice())

@@ -1,6 +1,9 @@
 //! Raw-HTTP tests of every registry endpoint and every bad-input case, against the
 //! real `slipway serve` binary.
 
+use std::process::Command;
+use std::time::Duration;
+
 use slipway_testkit::{TestServer, cli, open_request, read_response, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
@@ -842,4 +845,96 @@ fn retention_removes_old_tags_on_gc_but_never_what_a_service_runs_and_dry_run_sh
         "v3 newest, v1 runs"
     );
     assert_eq!(cli(BIN, &s, &["service", "rm", "web"]).0, 0);
+}
+
+/// Packs hello as `repo:tag` reporting `version` straight into another registry.
+fn pack_hello_into(s: &TestServer, host: &str, reference: &str, version: &str) -> String {
+    let env = format!("HELLO_VERSION={version}");
+    let input = format!("{}:/hello", slipway_testkit::hello_bin().display());
+    let (code, out, err) = cli(
+        BIN,
+        s,
+        &[
+            "image",
+            "pack",
+            "-q",
+            "--to",
+            host,
+            "--tag",
+            reference,
+            "--entrypoint",
+            "/hello",
+            "--env",
+            &env,
+            &input,
+        ],
+    );
+    assert_eq!(code, 0, "pack into {host}: {err}");
+    out.trim().to_owned()
+}
+
+#[test]
+fn a_mirror_pulls_through_from_distribution_revalidates_tags_and_serves_its_copy_when_upstream_is_gone()
+ {
+    let dist = slipway_testkit::Distribution::start().expect("Distribution starts");
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("slipway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[registry.mirror]]\nprefix = \"hub\"\nupstream = \"{}\"\nrevalidate = \"1s\"\n",
+            dist.host
+        ),
+    )
+    .expect("config");
+    let s = TestServer::start_with(BIN, &["--config", &config.display().to_string()]);
+    let v1 = pack_hello_into(&s, &dist.host, "tools/hello:1", "1");
+    // Nothing of it is here until someone pulls.
+    assert_eq!(s.get("/v2/hub/tools/hello/tags/list").status, 404);
+    let out = dir.path().join("out");
+    let copy = |to: &str| {
+        slipway_testkit::run(Command::new("skopeo").args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            &format!("docker://{}/hub/tools/hello:1", s.host()),
+            &format!("oci:{}:{to}", out.display()),
+        ]))
+    };
+    copy("first");
+    let head = s.request("HEAD", "/v2/hub/tools/hello/manifests/1", &[], b"");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("docker-content-digest"), Some(v1.as_str()));
+    // A new push upstream shows once the copy is older than `revalidate`.
+    let v2 = pack_hello_into(&s, &dist.host, "tools/hello:1", "2");
+    assert_ne!(v1, v2);
+    slipway_testkit::poll(Duration::from_secs(10), || {
+        let h = s.request("HEAD", "/v2/hub/tools/hello/manifests/1", &[], b"");
+        (h.header("docker-content-digest") == Some(v2.as_str())).then_some(())
+    })
+    .expect("the tag was revalidated");
+    copy("second");
+    // Mirrored repositories are read-only.
+    let push = s.request("POST", "/v2/hub/tools/hello/blobs/uploads/", &[], b"");
+    assert_eq!(push.status, 403);
+    assert_eq!(push.error_code(), "DENIED");
+    // The upstream goes away: what was pulled still is.
+    drop(dist);
+    copy("third");
+    let by_digest = s.request(
+        "GET",
+        &format!("/v2/hub/tools/hello/manifests/{v2}"),
+        &[],
+        b"",
+    );
+    assert_eq!(by_digest.status, 200);
+    // Something never pulled is a clean error naming the upstream.
+    let missing = s.request("GET", "/v2/hub/tools/other/manifests/1", &[], b"");
+    assert_eq!(
+        missing.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&missing.body)
+    );
+    assert!(String::from_utf8_lossy(&missing.body).contains("upstream"));
 }
