@@ -501,7 +501,14 @@ async fn get_blob(
     let Some(slot) = body else {
         return Ok((status, headers).into_response());
     };
-    let mut file = reg.store.open_blob(&digest)?;
+    let d = digest.clone();
+    let mut file = match blocking(reg, move |s| s.open_blob(&d)).await? {
+        slipway_store::BlobRead::File(f) => f,
+        slipway_store::BlobRead::Stream(r) => {
+            reg.metrics.bytes_out.inc_by(len);
+            return Ok((status, headers, reader_body(r, start, len)).into_response());
+        }
+    };
     if let Some(slot) = slot.filter(|_| len >= SENDFILE_MIN) {
         match slot.body(file, start, len) {
             Ok(chunks) => {
@@ -522,6 +529,49 @@ async fn get_blob(
     reg.metrics.bytes_out.inc_by(len);
     let stream = ReaderStream::with_capacity(file.take(len), 256 << 10);
     Ok((status, headers, Body::from_stream(stream)).into_response())
+}
+
+/// `len` bytes from `start` of a blocking reader, read on a blocking thread and
+/// handed over a few chunks at a time.
+fn reader_body(mut r: Box<dyn std::io::Read + Send>, start: u64, len: u64) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let skipped = std::io::copy(
+            &mut std::io::Read::take(&mut r, start),
+            &mut std::io::sink(),
+        );
+        if let Err(e) = skipped {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        let mut left = len;
+        while left > 0 {
+            let mut buf = vec![0u8; usize::try_from(left.min(256 << 10)).unwrap_or(256 << 10)];
+            match std::io::Read::read(&mut r, &mut buf) {
+                Ok(0) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the blob ended early",
+                    )));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
 }
 
 fn upload_accepted(status: StatusCode, repo: &RepoName, id: &str, offset: u64) -> Response {
@@ -810,6 +860,32 @@ async fn referrers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn collect(body: Body) -> Result<Vec<u8>, String> {
+        use http_body_util::BodyExt as _;
+        body.collect()
+            .await
+            .map(|c| c.to_bytes().to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_streamed_blob_body_serves_its_range_and_fails_if_the_blob_ends_early() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(600 << 10).collect();
+        let whole = reader_body(
+            Box::new(std::io::Cursor::new(data.clone())),
+            0,
+            data.len() as u64,
+        );
+        assert_eq!(collect(whole).await.expect("whole"), data);
+        let part = reader_body(Box::new(std::io::Cursor::new(data.clone())), 1000, 300_000);
+        assert_eq!(collect(part).await.expect("range"), &data[1000..301_000]);
+        let short = reader_body(Box::new(std::io::Cursor::new(vec![1u8; 10])), 0, 20);
+        assert!(
+            collect(short).await.is_err(),
+            "a short blob is an error, not a short body"
+        );
+    }
 
     #[test]
     fn byte_ranges_resolve_against_the_blob_size() {

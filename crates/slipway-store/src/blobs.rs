@@ -1,4 +1,6 @@
-//! The content-addressed blob tree on the local filesystem.
+//! Where committed blobs live: the [`BlobBackend`] seam, and its implementation
+//! on the local filesystem, [`FsBlobs`] (which also holds upload sessions'
+//! staging files: staging is local whatever the backend).
 //!
 //! Layout under the data directory:
 //! - `blobs/<alg>/<first two hex>/<hex>`: committed content, immutable;
@@ -15,6 +17,52 @@ use std::path::{Path, PathBuf};
 use slipway_core::Digest;
 
 use crate::error::{Result, StoreError};
+
+/// A committed blob opened for reading.
+pub enum BlobRead {
+    /// A local file, which a plain connection can send by `sendfile`.
+    File(File),
+    /// Bytes from elsewhere (object storage), read in order.
+    Stream(Box<dyn io::Read + Send>),
+}
+
+impl io::Read for BlobRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::File(f) => io::Read::read(f, buf),
+            Self::Stream(r) => r.read(buf),
+        }
+    }
+}
+
+impl std::fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(file) => f.debug_tuple("File").field(file).finish(),
+            Self::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// Where committed, content-addressed blobs live. Every method is blocking.
+///
+/// A blob is written once, whole and verified, under its digest: committing a
+/// digest that exists already keeps the existing copy, so concurrent commits of
+/// the same content are harmless. Visibility to clients is the metadata's
+/// business (a row written after `commit` returns), not the backend's.
+pub trait BlobBackend: Send + Sync + std::fmt::Debug {
+    /// Makes the verified staged file `staged` the blob `digest`, durably; the
+    /// staged file is consumed.
+    fn commit(&self, staged: &Path, digest: &Digest) -> Result<()>;
+    /// Stores `data` as the blob `digest` (manifests, which arrive whole).
+    fn write_whole(&self, digest: &Digest, data: &[u8]) -> Result<()>;
+    /// Reads a whole blob (manifests only; they are size-limited).
+    fn read_whole(&self, digest: &Digest) -> Result<Vec<u8>>;
+    /// Opens a blob for reading from its start.
+    fn open_blob(&self, digest: &Digest) -> Result<BlobRead>;
+    /// Removes a blob; a missing one is not an error.
+    fn remove(&self, digest: &Digest) -> Result<()>;
+}
 
 /// The blob tree rooted at a data directory.
 #[derive(Debug, Clone)]
@@ -55,10 +103,12 @@ impl FsBlobs {
     pub fn uploads_dir(&self) -> &Path {
         &self.uploads
     }
+}
 
+impl BlobBackend for FsBlobs {
     /// fsyncs `staged` and renames it to the blob's place, then fsyncs the directory.
     /// If the blob already exists the staged copy is dropped instead.
-    pub fn commit(&self, staged: &Path, digest: &Digest) -> Result<()> {
+    fn commit(&self, staged: &Path, digest: &Digest) -> Result<()> {
         let dest = self.path(digest);
         if dest.exists() {
             let _ = fs::remove_file(staged);
@@ -74,7 +124,7 @@ impl FsBlobs {
     }
 
     /// Writes `data` as the blob `digest` (used for manifests, which arrive whole).
-    pub fn write_whole(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+    fn write_whole(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         if self.path(digest).exists() {
             return Ok(());
         }
@@ -90,7 +140,7 @@ impl FsBlobs {
     }
 
     /// Reads a whole blob into memory (manifests only; they are size-limited).
-    pub fn read_whole(&self, digest: &Digest) -> Result<Vec<u8>> {
+    fn read_whole(&self, digest: &Digest) -> Result<Vec<u8>> {
         fs::read(self.path(digest)).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::BlobUnknown(digest.clone()),
             _ => StoreError::io(format!("read blob {digest}"), e),
@@ -98,13 +148,22 @@ impl FsBlobs {
     }
 
     /// Removes a committed blob; a missing file is not an error.
-    pub fn remove(&self, digest: &Digest) -> Result<()> {
+    fn remove(&self, digest: &Digest) -> Result<()> {
         match fs::remove_file(self.path(digest)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(StoreError::io(format!("remove blob {digest}"), e))
             }
             _ => Ok(()),
         }
+    }
+
+    fn open_blob(&self, digest: &Digest) -> Result<BlobRead> {
+        File::open(self.path(digest))
+            .map(BlobRead::File)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => StoreError::BlobUnknown(digest.clone()),
+                _ => StoreError::io(format!("open blob {digest}"), e),
+            })
     }
 }
 

@@ -20,6 +20,7 @@ pub mod manifest;
 mod meta;
 mod uploads;
 
+pub use blobs::{BlobBackend, BlobRead};
 pub use error::{Result, StoreError};
 pub use gc::{GcOptions, GcReport, RetentionOrder, RetentionRule};
 pub use manifest::{ManifestError, ParsedManifest};
@@ -39,7 +40,10 @@ use crate::blobs::FsBlobs;
 /// The embedded image store. Cheap to share behind an `Arc`.
 pub struct Store {
     root: PathBuf,
-    blobs: FsBlobs,
+    /// Upload sessions' staging files (always local).
+    staging: FsBlobs,
+    /// Committed blobs.
+    blobs: Arc<dyn BlobBackend>,
     db: redb::Database,
     /// Held for reading while a blob is renamed into place and recorded, and for
     /// writing while GC deletes files, so GC never unlinks a blob an upload just
@@ -84,12 +88,20 @@ const MANIFEST_CACHE_BYTES: usize = 64 << 20;
 // === impl Store ===
 
 impl Store {
-    /// Opens (or creates) a store in `root`.
+    /// Opens (or creates) a store in `root`, its blobs there too.
     pub fn open(root: &Path) -> Result<Self> {
-        let blobs = FsBlobs::open(root)?;
+        let fs = FsBlobs::open(root)?;
+        Self::open_with(root, Arc::new(fs))
+    }
+
+    /// Opens (or creates) a store in `root` whose committed blobs live in
+    /// `blobs`.
+    pub fn open_with(root: &Path, blobs: Arc<dyn BlobBackend>) -> Result<Self> {
+        let staging = FsBlobs::open(root)?;
         let db = meta::open_db(&root.join("meta.redb"))?;
         let store = Self {
             root: root.to_owned(),
+            staging,
             blobs,
             db,
             blob_lock: RwLock::new(()),
@@ -115,19 +127,10 @@ impl Store {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    /// The file holding a committed blob: the store's business only, so that a
-    /// blob backend other than files can replace it.
-    pub(crate) fn blob_file(&self, digest: &Digest) -> PathBuf {
-        self.blobs.path(digest)
-    }
-
     /// Opens a committed blob for reading. Callers check the repository link first
-    /// (`stat_blob`); this only reads content by digest.
-    pub fn open_blob(&self, digest: &Digest) -> Result<std::fs::File> {
-        std::fs::File::open(self.blob_file(digest)).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::BlobUnknown(digest.clone()),
-            _ => StoreError::io(format!("open blob {digest}"), e),
-        })
+    /// (`stat_blob`); this only reads content by digest. Blocking.
+    pub fn open_blob(&self, digest: &Digest) -> Result<BlobRead> {
+        self.blobs.open_blob(digest)
     }
 
     /// Makes the tags `rules` match immutable (replacing earlier rules).

@@ -137,7 +137,7 @@ impl Store {
     /// Opens an upload session in `repo`.
     pub fn start_upload(&self, repo: &RepoName) -> Result<Uuid> {
         let id = Uuid::new_v4();
-        let path = self.blobs.staging_path(&id);
+        let path = self.staging.staging_path(&id);
         File::create(&path).map_err(|e| StoreError::io("create upload file", e))?;
         let rec = UploadRecord {
             repo: repo.to_string(),
@@ -190,7 +190,7 @@ impl Store {
         if let Some(l) = lock(&self.uploads).get(&uuid) {
             return Ok(l.offset);
         }
-        fs::metadata(self.blobs.staging_path(&uuid))
+        fs::metadata(self.staging.staging_path(&uuid))
             .map(|m| m.len())
             .map_err(|_| StoreError::UploadUnknown(id.to_owned()))
     }
@@ -204,7 +204,7 @@ impl Store {
         start: Option<u64>,
     ) -> Result<UploadWriter> {
         let uuid = self.check_session(repo, id)?;
-        let path = self.blobs.staging_path(&uuid);
+        let path = self.staging.staging_path(&uuid);
         let (hasher, offset) = {
             let mut live = lock(&self.uploads);
             match live.get_mut(&uuid) {
@@ -275,7 +275,7 @@ impl Store {
     ) -> Result<u64> {
         let mut w = writer;
         let uuid = w.id;
-        let path = self.blobs.staging_path(&uuid);
+        let path = self.staging.staging_path(&uuid);
         let hasher = w.hasher.take();
         let size = w.offset;
         drop(w);
@@ -322,7 +322,7 @@ impl Store {
             t.remove(uuid.to_string().as_str()).map_err(db)?;
         }
         txn.commit().map_err(db)?;
-        match fs::remove_file(self.blobs.staging_path(uuid)) {
+        match fs::remove_file(self.staging.staging_path(uuid)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::io("remove upload file", e))
             }
@@ -362,7 +362,7 @@ impl Store {
             self.discard_upload(u)?;
             n += 1;
         }
-        let entries = fs::read_dir(self.blobs.uploads_dir())
+        let entries = fs::read_dir(self.staging.uploads_dir())
             .map_err(|e| StoreError::io("list uploads", e))?;
         for entry in entries.flatten() {
             let name = entry.file_name();

@@ -519,3 +519,88 @@ fn semver_retention_ranks_by_version_and_keeps_other_tags_and_immutable_ones() {
     store.gc(&opts).expect("gc");
     assert_eq!(tags_of(&store, &r), ["latest", "v1.0.0", "v2.0.0"]);
 }
+
+/// Committed blobs in memory: a second backend, to show the store keeps nothing
+/// committed anywhere else.
+#[derive(Debug, Default)]
+struct MemBlobs(std::sync::Mutex<std::collections::HashMap<Digest, Vec<u8>>>);
+
+impl slipway_store::BlobBackend for MemBlobs {
+    fn commit(&self, staged: &std::path::Path, digest: &Digest) -> slipway_store::Result<()> {
+        let bytes = std::fs::read(staged).map_err(|e| StoreError::io("read staged", e))?;
+        let _ = std::fs::remove_file(staged);
+        self.0
+            .lock()
+            .expect("lock")
+            .entry(digest.clone())
+            .or_insert(bytes);
+        Ok(())
+    }
+    fn write_whole(&self, digest: &Digest, data: &[u8]) -> slipway_store::Result<()> {
+        self.0
+            .lock()
+            .expect("lock")
+            .entry(digest.clone())
+            .or_insert_with(|| data.to_vec());
+        Ok(())
+    }
+    fn read_whole(&self, digest: &Digest) -> slipway_store::Result<Vec<u8>> {
+        self.0
+            .lock()
+            .expect("lock")
+            .get(digest)
+            .cloned()
+            .ok_or_else(|| StoreError::BlobUnknown(digest.clone()))
+    }
+    fn open_blob(&self, digest: &Digest) -> slipway_store::Result<slipway_store::BlobRead> {
+        let bytes = self.read_whole(digest)?;
+        Ok(slipway_store::BlobRead::Stream(Box::new(
+            std::io::Cursor::new(bytes),
+        )))
+    }
+    fn remove(&self, digest: &Digest) -> slipway_store::Result<()> {
+        self.0.lock().expect("lock").remove(digest);
+        Ok(())
+    }
+}
+
+#[test]
+fn every_committed_blob_and_manifest_goes_through_the_blob_backend() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = std::sync::Arc::new(MemBlobs::default());
+    let store = Store::open_with(dir.path(), mem.clone()).expect("open");
+    let r = repo("app");
+    let layer = push_blob(&store, &r, b"layer bytes");
+    let config = push_blob(&store, &r, b"{}");
+    let body = image_manifest(&config, &[&layer], None);
+    let put = store
+        .put_manifest(&r, &Reference::parse("v1").expect("tag"), &body, None)
+        .expect("put");
+    assert_eq!(
+        mem.0.lock().expect("lock").len(),
+        3,
+        "two blobs and the manifest"
+    );
+    assert!(
+        !dir.path().join("blobs/sha256").exists()
+            || std::fs::read_dir(dir.path().join("blobs/sha256"))
+                .expect("dir")
+                .next()
+                .is_none(),
+        "nothing committed on the local disk"
+    );
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut store.open_blob(&layer).expect("open"), &mut read)
+        .expect("read");
+    assert_eq!(read, b"layer bytes");
+    let (_, bytes) = store
+        .get_manifest(&r, &Reference::Digest(put.digest.clone()))
+        .expect("manifest");
+    assert_eq!(&bytes[..], &body[..]);
+    store.delete_manifest(&r, &put.digest).expect("delete");
+    store.gc(&no_grace(false)).expect("gc");
+    assert!(
+        mem.0.lock().expect("lock").is_empty(),
+        "GC removes from the backend"
+    );
+}

@@ -676,15 +676,38 @@ impl slipway_runtime::image::ImageSource for StoreSource {
         &self,
         repo: &slipway_core::RepoName,
         digest: &slipway_core::Digest,
-        _cache: &std::path::Path,
+        cache: &std::path::Path,
     ) -> Result<slipway_runtime::image::LayerBlob, slipway_runtime::image::SourceError> {
         let (store, repo, digest) = (self.0.clone(), repo.clone(), digest.clone());
+        let cache = cache.to_owned();
         tokio::task::spawn_blocking(move || {
             store.stat_blob(&repo, &digest).map_err(source_error)?;
-            Ok(slipway_runtime::image::LayerBlob {
-                file: store.open_blob(&digest).map_err(source_error)?,
-                temp: None,
-            })
+            match store.open_blob(&digest).map_err(source_error)? {
+                slipway_store::BlobRead::File(file) => {
+                    Ok(slipway_runtime::image::LayerBlob { file, temp: None })
+                }
+                // Blobs elsewhere are downloaded first, as a remote registry's are.
+                slipway_store::BlobRead::Stream(mut r) => {
+                    let io = |e| {
+                        slipway_runtime::image::SourceError::Io(format!("download {digest}"), e)
+                    };
+                    std::fs::create_dir_all(&cache).map_err(io)?;
+                    let path = cache.join(format!("{}.{}", digest.hex(), uuid::Uuid::new_v4()));
+                    let copied = std::fs::File::create(&path)
+                        .and_then(|mut f| std::io::copy(&mut r, &mut f))
+                        .and_then(|_| std::fs::File::open(&path));
+                    match copied {
+                        Ok(file) => Ok(slipway_runtime::image::LayerBlob {
+                            file,
+                            temp: Some(path),
+                        }),
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&path);
+                            Err(io(e))
+                        }
+                    }
+                }
+            }
         })
         .await
         .map_err(|e| {
