@@ -34,3 +34,16 @@ BUILD_PACKAGES=(protobuf-compiler)
 
 # The packages the whole-system tests and the quickstart use.
 RUNTIME_PACKAGES=(runc skopeo podman umoci busybox-static curl openssl ca-certificates docker-registry docker.io)
+
+# ensure_s3s_fs: the S3-compatible server the object-storage tests start
+# (`s3s-fs` from crates.io), built once and kept outside the repository, keyed by
+# its version (crates/slipway-testkit: S3S_FS_VERSION). Garage, the server the
+# issue prefers, is a far larger build than the test budget allows here.
+S3S_FS_VERSION=0.14.1
+ensure_s3s_fs() {
+    local root=/var/cache/slipway-test/s3s-fs-$S3S_FS_VERSION
+    [ -x "$root/bin/s3s-fs" ] && return 0
+    echo "==> cargo install s3s-fs $S3S_FS_VERSION (once, into $root)" >&2
+    mkdir -p "$root"
+    cargo install --quiet --locked s3s-fs --version "$S3S_FS_VERSION" --features binary --root "$root"
+}

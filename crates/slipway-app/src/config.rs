@@ -54,6 +54,97 @@ pub struct FileConfig {
     /// `[cluster]`
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// `[storage]`
+    #[serde(default)]
+    pub storage: StorageSection,
+}
+
+/// `[storage]`: where committed registry blobs live.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// `filesystem` (the default: under the data directory) or `s3`.
+    pub backend: Option<String>,
+    /// With `s3`: the server, `http(s)://HOST:PORT`; unset for AWS.
+    pub endpoint: Option<String>,
+    /// With `s3`: the bucket.
+    pub bucket: Option<String>,
+    /// With `s3`: the region. Default `us-east-1`.
+    pub region: Option<String>,
+    /// With `s3`: the access key id (default `$AWS_ACCESS_KEY_ID`).
+    pub access_key_id: Option<String>,
+    /// With `s3`: the secret (default `$AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: Option<String>,
+    /// With `s3`: prepended to every object name.
+    pub prefix: Option<String>,
+}
+
+/// Where committed blobs live, resolved.
+#[derive(Debug, Clone)]
+pub enum BlobStorage {
+    /// Under the data directory.
+    Filesystem,
+    /// In a bucket.
+    S3(slipway_s3::S3Config),
+}
+
+impl StorageSection {
+    fn resolve(&self) -> Result<BlobStorage, ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            field: format!("storage.{field}"),
+            message,
+        };
+        match self.backend.as_deref().unwrap_or("filesystem") {
+            "filesystem" => Ok(BlobStorage::Filesystem),
+            "s3" => {
+                let bucket = self
+                    .bucket
+                    .clone()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| invalid("bucket", "is required with backend = \"s3\"".into()))?;
+                let from_env = |v: &Option<String>, var: &str, field: &str| {
+                    v.clone()
+                        .or_else(|| std::env::var(var).ok())
+                        .filter(|k| !k.is_empty())
+                        .ok_or_else(|| {
+                            invalid(
+                                field,
+                                format!("is required with backend = \"s3\" (or set ${var})"),
+                            )
+                        })
+                };
+                let endpoint = self.endpoint.clone().filter(|e| !e.is_empty());
+                if let Some(e) = &endpoint
+                    && !(e.starts_with("http://") || e.starts_with("https://"))
+                {
+                    return Err(invalid(
+                        "endpoint",
+                        format!("{e:?} must start with http:// or https://"),
+                    ));
+                }
+                Ok(BlobStorage::S3(slipway_s3::S3Config {
+                    endpoint,
+                    bucket,
+                    region: self.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    access_key_id: from_env(
+                        &self.access_key_id,
+                        "AWS_ACCESS_KEY_ID",
+                        "access_key_id",
+                    )?,
+                    secret_access_key: from_env(
+                        &self.secret_access_key,
+                        "AWS_SECRET_ACCESS_KEY",
+                        "secret_access_key",
+                    )?,
+                    prefix: self.prefix.clone().unwrap_or_default(),
+                }))
+            }
+            other => Err(invalid(
+                "backend",
+                format!("{other:?} is not a storage backend: use \"filesystem\" or \"s3\""),
+            )),
+        }
+    }
 }
 
 /// `[cluster]`: timings of control planes and nodes sharing etcd.
@@ -366,6 +457,8 @@ pub struct Settings {
     pub node_labels: std::collections::BTreeMap<String, String>,
     /// Control-plane and node timings.
     pub cluster: ClusterSection,
+    /// Where committed registry blobs live.
+    pub blob_storage: BlobStorage,
     /// The cluster's join token (agents' heartbeats and the agent API carry it).
     pub join_token: Option<String>,
     /// Whether this control plane's node runs instances.
@@ -700,7 +793,9 @@ impl Settings {
                 ),
             ));
         }
+        let blob_storage = file.storage.resolve()?;
         Ok(Self {
+            blob_storage,
             cluster: c,
             join_token,
             run_instances: !o.no_instances,

@@ -47,9 +47,18 @@ pub async fn serve(
         )
     })?;
     let data_dir = settings.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await?
-        .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+    let storage = settings.blob_storage.clone();
+    let handle = tokio::runtime::Handle::current();
+    let store = tokio::task::spawn_blocking(move || match storage {
+        crate::config::BlobStorage::Filesystem => Store::open(&data_dir).map_err(anyhow::Error::from),
+        crate::config::BlobStorage::S3(cfg) => {
+            tracing::info!(bucket = %cfg.bucket, endpoint = ?cfg.endpoint, "registry blobs in object storage");
+            let blobs = slipway_s3::S3Blobs::new(&cfg, handle).map_err(anyhow::Error::msg)?;
+            Store::open_with(&data_dir, Arc::new(blobs)).map_err(anyhow::Error::from)
+        }
+    })
+    .await?
+    .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
     store.set_immutable(settings.registry.immutable.clone());
     let store = Arc::new(store);
 

@@ -177,6 +177,11 @@ impl From<StoreError> for RegistryError {
             StoreError::Manifest(ManifestError::Invalid(_)) => Code::ManifestInvalid,
             StoreError::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
             StoreError::TagImmutable { .. } => Code::Denied,
+            StoreError::Unavailable(_) => {
+                return Self::new(Code::Unknown, msg)
+                    .with_status(StatusCode::SERVICE_UNAVAILABLE)
+                    .with_header(header::RETRY_AFTER, "5");
+            }
             StoreError::StorageFull(_) => {
                 return Self::new(Code::Unknown, msg).with_status(StatusCode::INSUFFICIENT_STORAGE);
             }

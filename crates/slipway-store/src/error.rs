@@ -68,6 +68,10 @@ pub enum StoreError {
         /// The repository glob of the rule that makes it immutable.
         rule: String,
     },
+    /// Where blobs live cannot be reached now (object storage failing past its
+    /// retries): worth retrying later.
+    #[error("{0}")]
+    Unavailable(String),
     /// The disk is full.
     #[error("storage is full: {0}")]
     StorageFull(io::Error),
@@ -102,6 +106,7 @@ impl StoreError {
             | Self::ManifestBlobUnknown(_) => ErrorKind::InvalidArgument,
             Self::StorageFull(_) => ErrorKind::ResourceExhausted,
             Self::TagImmutable { .. } => ErrorKind::PermissionDenied,
+            Self::Unavailable(_) => ErrorKind::Unavailable,
             Self::Io { .. } | Self::Db(_) => ErrorKind::Internal,
         }
     }

@@ -968,3 +968,75 @@ pub fn pack_hello(bin: &str, s: &TestServer, tag: &str, version: &str) {
         &input,
     );
 }
+
+/// The version of `s3s-fs` (an S3-compatible server over a directory) the tests
+/// use; `scripts/test` installs it under `/var/cache/slipway-test`.
+pub const S3S_FS_VERSION: &str = "0.14.1";
+
+/// An S3-compatible server (`s3s-fs`) on a free loopback port over a temp dir,
+/// with one bucket; killed (by PID) on drop.
+pub struct S3Server {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// The bucket's directory (objects are files under it).
+    pub bucket_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    /// The bucket every server has.
+    pub const BUCKET: &'static str = "slipway";
+    /// Its credentials.
+    pub const KEYS: (&'static str, &'static str) = ("testaccesskey", "testsecretkey0123456789");
+
+    /// Starts it and waits until it accepts connections; `None` without the
+    /// binary (`$S3S_FS`, or `scripts/test`'s install).
+    pub fn start() -> Option<Self> {
+        let bin = std::env::var_os("S3S_FS").map_or_else(
+            || {
+                PathBuf::from(format!(
+                    "/var/cache/slipway-test/s3s-fs-{S3S_FS_VERSION}/bin/s3s-fs"
+                ))
+            },
+            PathBuf::from,
+        );
+        if !bin.is_file() {
+            return None;
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let bucket_dir = dir.path().join(Self::BUCKET);
+        std::fs::create_dir_all(&bucket_dir).ok()?;
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", Self::KEYS.0, "--secret-key", Self::KEYS.1])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let s = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket_dir,
+            _dir: dir,
+        };
+        poll(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .map(|_| s)
+    }
+
+    /// Stops it (SIGKILL), as a crashed server.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
