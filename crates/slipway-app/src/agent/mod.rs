@@ -348,6 +348,28 @@ pub fn parse_join(s: &str) -> Result<Vec<String>, String> {
 /// The registries of the control planes, tried in turn.
 struct JoinSource(Vec<slipway_runtime::image::RemoteSource>);
 
+impl JoinSource {
+    /// `f` of the first registry that answers it; else the last one's error.
+    async fn first<'a, T, Fut>(
+        &'a self,
+        f: impl Fn(&'a slipway_runtime::image::RemoteSource) -> Fut,
+    ) -> Result<T, slipway_runtime::image::SourceError>
+    where
+        Fut: std::future::Future<Output = Result<T, slipway_runtime::image::SourceError>>,
+    {
+        let mut last = None;
+        for s in &self.0 {
+            match f(s).await {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            slipway_runtime::image::SourceError::NotFound("no control plane to pull from".into())
+        }))
+    }
+}
+
 #[async_trait::async_trait]
 impl slipway_runtime::image::ImageSource for JoinSource {
     async fn manifest(
@@ -355,30 +377,14 @@ impl slipway_runtime::image::ImageSource for JoinSource {
         repo: &slipway_core::RepoName,
         reference: &slipway_core::Reference,
     ) -> Result<(String, Vec<u8>), slipway_runtime::image::SourceError> {
-        let mut last = None;
-        for s in &self.0 {
-            match s.manifest(repo, reference).await {
-                Ok(v) => return Ok(v),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| slipway_runtime::image::SourceError::NotFound("no registry".into())))
+        self.first(|s| s.manifest(repo, reference)).await
     }
     async fn blob(
         &self,
         repo: &slipway_core::RepoName,
         digest: &slipway_core::Digest,
     ) -> Result<Vec<u8>, slipway_runtime::image::SourceError> {
-        let mut last = None;
-        for s in &self.0 {
-            match s.blob(repo, digest).await {
-                Ok(v) => return Ok(v),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| slipway_runtime::image::SourceError::NotFound("no registry".into())))
+        self.first(|s| s.blob(repo, digest)).await
     }
     async fn layer(
         &self,
@@ -386,15 +392,7 @@ impl slipway_runtime::image::ImageSource for JoinSource {
         digest: &slipway_core::Digest,
         cache: &std::path::Path,
     ) -> Result<slipway_runtime::image::LayerBlob, slipway_runtime::image::SourceError> {
-        let mut last = None;
-        for s in &self.0 {
-            match s.layer(repo, digest, cache).await {
-                Ok(v) => return Ok(v),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| slipway_runtime::image::SourceError::NotFound("no registry".into())))
+        self.first(|s| s.layer(repo, digest, cache)).await
     }
 }
 
