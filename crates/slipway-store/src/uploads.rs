@@ -290,13 +290,20 @@ impl Store {
                 computed,
             });
         }
-        {
+        let committed = {
             let _guard = self
                 .blob_lock
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.blobs.commit(&path, expected)?;
-            self.record_blob(repo, expected, size)?;
+            self.blobs
+                .commit(&path, expected)
+                .and_then(|()| self.record_blob(repo, expected, size))
+        };
+        if let Err(e) = committed {
+            // The staged bytes stay: the session can be finished again (its hash
+            // is rebuilt from them), e.g. once object storage is back.
+            lock(&self.uploads).remove(&uuid);
+            return Err(e);
         }
         self.discard_upload(&uuid)?;
         Ok(size)

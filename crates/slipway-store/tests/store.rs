@@ -604,3 +604,61 @@ fn every_committed_blob_and_manifest_goes_through_the_blob_backend() {
         "GC removes from the backend"
     );
 }
+
+/// A backend whose first commit fails, as object storage past its retries.
+#[derive(Debug, Default)]
+struct FlakyBlobs {
+    failed: std::sync::atomic::AtomicBool,
+    inner: MemBlobs,
+}
+
+impl slipway_store::BlobBackend for FlakyBlobs {
+    fn commit(&self, staged: &std::path::Path, digest: &Digest) -> slipway_store::Result<()> {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("object storage is down".into()));
+        }
+        self.inner.commit(staged, digest)
+    }
+    fn write_whole(&self, digest: &Digest, data: &[u8]) -> slipway_store::Result<()> {
+        self.inner.write_whole(digest, data)
+    }
+    fn read_whole(&self, digest: &Digest) -> slipway_store::Result<Vec<u8>> {
+        self.inner.read_whole(digest)
+    }
+    fn open_blob(&self, digest: &Digest) -> slipway_store::Result<slipway_store::BlobRead> {
+        self.inner.open_blob(digest)
+    }
+    fn remove(&self, digest: &Digest) -> slipway_store::Result<()> {
+        self.inner.remove(digest)
+    }
+}
+
+#[test]
+fn an_upload_whose_commit_failed_can_be_finished_again_with_nothing_visible_before() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store =
+        Store::open_with(dir.path(), std::sync::Arc::new(FlakyBlobs::default())).expect("open");
+    let r = repo("app");
+    let data = b"the layer";
+    let d = Digest::sha256_of(data);
+    let id = store.start_upload(&r).expect("start").to_string();
+    let mut w = store.upload_writer(&r, &id, Some(0)).expect("writer");
+    w.write(data).expect("write");
+    let failed = store.finish_upload(&r, w, &d);
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
+    assert!(store.stat_blob(&r, &d).is_err(), "nothing half-visible");
+    assert_eq!(
+        store
+            .upload_offset(&r, &id)
+            .expect("the session is still there"),
+        data.len() as u64
+    );
+    let w = store.upload_writer(&r, &id, None).expect("not busy");
+    store
+        .finish_upload(&r, w, &d)
+        .expect("finished the second time");
+    assert_eq!(store.stat_blob(&r, &d).expect("visible"), data.len() as u64);
+}
