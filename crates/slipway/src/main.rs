@@ -270,8 +270,12 @@ fn main() -> ExitCode {
         }
     };
     slipway_app::init_tracing();
+    let daemon = matches!(cli.command, Command::Serve(_) | Command::Agent(_));
+    if !daemon {
+        quiet_on_closed_stdout();
+    }
     // Client commands make a request or two: a single-threaded runtime starts faster.
-    let mut builder = if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
+    let mut builder = if daemon {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
@@ -501,6 +505,26 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         write_ready(ready.as_deref(), addr);
     })
     .await
+}
+
+/// A client command whose reader went away (`slipway image ls | head -1`) ends as
+/// `cat` or `ls` would there, with status 141 (killed by SIGPIPE) and no panic
+/// message. Rust ignores SIGPIPE, so the failed write panics inside `println!`;
+/// daemons keep ignoring it (a client that hangs up must not end them).
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

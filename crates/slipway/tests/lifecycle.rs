@@ -548,3 +548,22 @@ fn full_disk_answers_507_and_keeps_serving_without_corruption() {
     s.push_blob("disk/app", b"still works");
     drop(s);
 }
+
+#[test]
+fn a_client_whose_output_reader_went_away_exits_141_without_a_panic() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("empty.toml");
+    std::fs::write(&file, "").expect("config");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .arg(&file)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
