@@ -3,10 +3,12 @@
 //!
 //! Entry point: [`Store::open`]. The store implements OCI semantics (repositories,
 //! tags, manifests and what they reference, repository→blob links, referrers, upload
-//! sessions, garbage collection) over two parts:
-//! - [`blobs::FsBlobs`], the content-addressed file tree, written only by atomic rename;
-//! - a [redb](https://docs.rs/redb) database holding every index, so listing,
-//!   referrers and GC never walk the blob tree.
+//! sessions, garbage collection) over two seams:
+//! - a [`BlobBackend`] for content: [`blobs::FsBlobs`], the content-addressed file
+//!   tree written only by atomic rename (default), or object storage;
+//! - a [`Metadata`] for every index, so listing, referrers and GC never walk the
+//!   blobs: [`RedbMetadata`], an embedded [redb](https://docs.rs/redb) file
+//!   (default), or a database several replicas share.
 //!
 //! Every method is blocking; async callers use `spawn_blocking`.
 //!
@@ -18,6 +20,8 @@ mod error;
 mod gc;
 pub mod manifest;
 mod meta;
+pub mod metadata;
+mod redb_meta;
 mod uploads;
 
 pub use blobs::{BlobBackend, BlobRead};
@@ -25,6 +29,8 @@ pub use error::{Result, StoreError};
 pub use gc::{GcOptions, GcReport, RetentionOrder, RetentionRule};
 pub use manifest::{ManifestError, ParsedManifest};
 pub use meta::{ManifestMeta, PutManifest, ReferrerDescriptor};
+pub use metadata::Metadata;
+pub use redb_meta::RedbMetadata;
 pub use uploads::UploadWriter;
 
 use std::collections::HashMap;
@@ -44,7 +50,8 @@ pub struct Store {
     staging: FsBlobs,
     /// Committed blobs.
     blobs: Arc<dyn BlobBackend>,
-    db: redb::Database,
+    /// Every index.
+    meta: Arc<dyn Metadata>,
     /// Held for reading while a blob is renamed into place and recorded, and for
     /// writing while GC deletes files, so GC never unlinks a blob an upload just
     /// committed.
@@ -97,13 +104,23 @@ impl Store {
     /// Opens (or creates) a store in `root` whose committed blobs live in
     /// `blobs`.
     pub fn open_with(root: &Path, blobs: Arc<dyn BlobBackend>) -> Result<Self> {
+        let meta = RedbMetadata::open(&root.join("meta.redb"))?;
+        Self::open_parts(root, blobs, Arc::new(meta))
+    }
+
+    /// Opens a store whose committed blobs live in `blobs` and whose indexes in
+    /// `meta`; `root` holds what stays local (staging files).
+    pub fn open_parts(
+        root: &Path,
+        blobs: Arc<dyn BlobBackend>,
+        meta: Arc<dyn Metadata>,
+    ) -> Result<Self> {
         let staging = FsBlobs::open(root)?;
-        let db = meta::open_db(&root.join("meta.redb"))?;
         let store = Self {
             root: root.to_owned(),
             staging,
             blobs,
-            db,
+            meta,
             blob_lock: RwLock::new(()),
             uploads: Arc::default(),
             touched: Mutex::default(),
@@ -113,7 +130,7 @@ impl Store {
         };
         store
             .stored_bytes
-            .store(store.sum_blob_sizes()?, Ordering::Relaxed);
+            .store(store.meta.total_blob_bytes()?, Ordering::Relaxed);
         Ok(store)
     }
 

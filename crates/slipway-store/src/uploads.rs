@@ -10,13 +10,12 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use slipway_core::{Algorithm, Digest, Hasher, RepoName};
 use uuid::Uuid;
 
-use crate::error::{Result, StoreError, db};
-use crate::meta::{UPLOADS, from_json};
+use crate::error::{Result, StoreError};
+use crate::metadata::{from_json, to_json};
 use crate::{Store, lock, now_ms};
 
 /// In-memory state of a session between requests.
@@ -143,16 +142,7 @@ impl Store {
             repo: repo.to_string(),
             started_ms: now_ms(),
         };
-        let res = (|| {
-            let txn = self.db().begin_write().map_err(db)?;
-            {
-                let mut t = txn.open_table(UPLOADS).map_err(db)?;
-                let v = serde_json::to_vec(&rec).map_err(|e| StoreError::Db(e.to_string()))?;
-                t.insert(id.to_string().as_str(), v.as_slice())
-                    .map_err(db)?;
-            }
-            txn.commit().map_err(db)
-        })();
+        let res = to_json(&rec).and_then(|v| self.meta.insert_upload(&id.to_string(), &v));
         if let Err(e) = res {
             let _ = fs::remove_file(&path);
             return Err(e);
@@ -171,13 +161,8 @@ impl Store {
         let unknown = || StoreError::UploadUnknown(id.to_owned());
         // Parsing as a UUID is what makes the id safe to use as a file name.
         let uuid = Uuid::parse_str(id).map_err(|_| unknown())?;
-        let r = self.db().begin_read().map_err(db)?;
-        let t = r.open_table(UPLOADS).map_err(db)?;
-        let rec = t
-            .get(uuid.to_string().as_str())
-            .map_err(db)?
-            .ok_or_else(unknown)?;
-        let rec: UploadRecord = from_json(rec.value())?;
+        let rec = self.meta.upload(&uuid.to_string())?.ok_or_else(unknown)?;
+        let rec: UploadRecord = from_json(&rec)?;
         if rec.repo != repo.as_str() {
             return Err(unknown());
         }
@@ -295,9 +280,11 @@ impl Store {
                 .blob_lock
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.blobs
-                .commit(&path, expected)
-                .and_then(|()| self.record_blob(repo, expected, size))
+            self.meta.fence(false).and_then(|_fence| {
+                self.blobs
+                    .commit(&path, expected)
+                    .and_then(|()| self.record_blob(repo, expected, size))
+            })
         };
         if let Err(e) = committed {
             // The staged bytes stay: the session can be finished again (its hash
@@ -323,12 +310,7 @@ impl Store {
 
     fn discard_upload(&self, uuid: &Uuid) -> Result<()> {
         lock(&self.uploads).remove(uuid);
-        let txn = self.db().begin_write().map_err(db)?;
-        {
-            let mut t = txn.open_table(UPLOADS).map_err(db)?;
-            t.remove(uuid.to_string().as_str()).map_err(db)?;
-        }
-        txn.commit().map_err(db)?;
+        self.meta.remove_upload(&uuid.to_string())?;
         match fs::remove_file(self.staging.staging_path(uuid)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::io("remove upload file", e))
@@ -344,17 +326,12 @@ impl Store {
             now_ms().saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
         let mut doomed = Vec::new();
         let mut known = std::collections::HashSet::new();
-        {
-            let r = self.db().begin_read().map_err(db)?;
-            let t = r.open_table(UPLOADS).map_err(db)?;
-            for row in t.iter().map_err(db)? {
-                let (k, v) = row.map_err(db)?;
-                let rec: UploadRecord = from_json(v.value())?;
-                if let Ok(u) = Uuid::parse_str(k.value()) {
-                    known.insert(u);
-                    if rec.started_ms <= cutoff {
-                        doomed.push(u);
-                    }
+        for (k, v) in self.meta.uploads()? {
+            let rec: UploadRecord = from_json(&v)?;
+            if let Ok(u) = Uuid::parse_str(&k) {
+                known.insert(u);
+                if rec.started_ms <= cutoff {
+                    doomed.push(u);
                 }
             }
         }
