@@ -22,6 +22,7 @@ pub mod manifest;
 mod meta;
 pub mod metadata;
 mod redb_meta;
+pub mod suite;
 mod uploads;
 
 pub use blobs::{BlobBackend, BlobRead};

@@ -662,3 +662,11 @@ fn an_upload_whose_commit_failed_can_be_finished_again_with_nothing_visible_befo
         .expect("finished the second time");
     assert_eq!(store.stat_blob(&r, &d).expect("visible"), data.len() as u64);
 }
+
+#[test]
+fn the_redb_metadata_passes_the_behaviour_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    slipway_store::suite::behaviour_suite(&store);
+    slipway_store::suite::behaviour_suite(&store);
+}

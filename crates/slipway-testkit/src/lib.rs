@@ -1040,3 +1040,126 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// Where Debian's `postgresql-15` puts its server binaries.
+pub const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL server (Debian's `postgresql-15`) in a temp directory on a free
+/// loopback port, run as the unprivileged user `nobody` (the server refuses
+/// root); superuser `slipway`, trust authentication on loopback. Stopped (by
+/// PID) on drop.
+pub struct PgServer {
+    child: Option<Child>,
+    /// `postgres://slipway@127.0.0.1:<port>/postgres`.
+    pub url: String,
+    port: u16,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PgServer {
+    /// initdb and start; `None` without the binaries (`scripts/test` installs
+    /// `postgresql-15`).
+    pub fn start() -> Option<Self> {
+        use std::os::unix::process::CommandExt as _;
+        let bin = Path::new(POSTGRES_BIN);
+        if !bin.join("postgres").is_file() {
+            return None;
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).ok()?;
+        // nobody must own the data directory and reach it.
+        let status = Command::new("chown")
+            .args(["-R", "nobody:nogroup"])
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        if !status.success() {
+            return None;
+        }
+        let init = Command::new(bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "slipway", "-A", "trust", "--no-sync", "-E", "UTF8"])
+            .uid(65534)
+            .gid(65534)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .ok()?;
+        assert!(
+            init.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let port = free_port();
+        let mut s = Self {
+            child: None,
+            url: format!("postgres://slipway@127.0.0.1:{port}/postgres"),
+            port,
+            data,
+            _dir: dir,
+        };
+        s.resume();
+        Some(s)
+    }
+
+    /// Starts the server again (after [`PgServer::stop`]) on the same data and
+    /// port, and waits until it accepts queries.
+    pub fn resume(&mut self) {
+        use std::os::unix::process::CommandExt as _;
+        let child = Command::new(Path::new(POSTGRES_BIN).join("postgres"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-k")
+            .arg(&self.data)
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "max_connections=200"])
+            .uid(65534)
+            .gid(65534)
+            .current_dir(&self.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+        let port = self.port.to_string();
+        let ready = poll(Duration::from_secs(30), || {
+            Command::new(Path::new(POSTGRES_BIN).join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &port])
+                .status()
+                .ok()
+                .filter(std::process::ExitStatus::success)
+        });
+        assert!(
+            ready.is_some(),
+            "postgres did not become ready on port {port}"
+        );
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+            }
+            let stopped = poll(Duration::from_secs(20), || c.try_wait().ok().flatten());
+            if stopped.is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
