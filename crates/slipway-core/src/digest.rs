@@ -154,6 +154,31 @@ impl Hasher {
         }
     }
 
+    /// The hasher's whole state (after the bytes fed so far) as bytes, so a
+    /// hash can go on in another process: see [`Hasher::restore`].
+    pub fn save(&self) -> Vec<u8> {
+        use sha2::digest::common::hazmat::SerializableState as _;
+        match self {
+            Self::Sha256(h) => [&[1u8][..], &h.serialize()].concat(),
+            Self::Sha512(h) => [&[2u8][..], &h.serialize()].concat(),
+        }
+    }
+
+    /// A hasher from [`Hasher::save`]'s bytes; `None` if they are not a state.
+    pub fn restore(state: &[u8]) -> Option<Self> {
+        use sha2::digest::common::hazmat::SerializableState as _;
+        let (kind, rest) = state.split_first()?;
+        match kind {
+            1 => sha2::Sha256::deserialize(rest.try_into().ok()?)
+                .ok()
+                .map(Self::Sha256),
+            2 => sha2::Sha512::deserialize(rest.try_into().ok()?)
+                .ok()
+                .map(Self::Sha512),
+            _ => None,
+        }
+    }
+
     /// Finishes and returns the digest.
     pub fn finish(self) -> Digest {
         let (algorithm, hex) = match self {
@@ -169,6 +194,21 @@ mod tests {
     use super::*;
 
     const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn a_saved_hasher_restored_elsewhere_finishes_with_the_same_digest() {
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let mut h = Hasher::new(alg);
+            h.update(b"hello ");
+            let mut again = Hasher::restore(&h.save()).expect("restore");
+            again.update(b"world");
+            let mut whole = Hasher::new(alg);
+            whole.update(b"hello world");
+            assert_eq!(again.finish(), whole.finish());
+        }
+        assert!(Hasher::restore(b"").is_none());
+        assert!(Hasher::restore(&[1, 2, 3]).is_none());
+    }
 
     #[test]
     fn sha256_of_empty_input_matches_known_value() {

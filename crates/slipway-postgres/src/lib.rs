@@ -343,6 +343,10 @@ async fn present(
 }
 
 impl Metadata for PgMetadata {
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn total_blob_bytes(&self) -> Result<u64> {
         self.inner.run(async |c| {
             let row = c

@@ -108,3 +108,94 @@ fn an_unreachable_database_is_named_at_open() {
     let err = PgMetadata::open("mysql://nope", rt.handle().clone()).expect_err("bad url");
     assert!(err.to_string().contains("database URL"), "{err}");
 }
+
+/// Two stores over one database and one blob directory: two replicas.
+fn replicas(
+    pg: &PgServer,
+    rt: &tokio::runtime::Runtime,
+    shared: &std::path::Path,
+) -> [(Store, tempfile::TempDir); 2] {
+    std::array::from_fn(|_| {
+        let local = tempfile::tempdir().expect("tempdir");
+        let md = PgMetadata::open(&pg.url, rt.handle().clone()).expect("open");
+        let blobs = FsBlobs::open(shared).expect("blobs");
+        let s = Store::open_parts(local.path(), Arc::new(blobs), Arc::new(md)).expect("store");
+        (s, local)
+    })
+}
+
+#[test]
+fn a_chunked_upload_alternates_replicas_chunk_by_chunk_and_finishes_on_either() {
+    let pg = server();
+    let rt = runtime();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let [(a, _da), (b, _db)] = replicas(&pg, &rt, shared.path());
+    let r: slipway_core::RepoName = "shared/app".parse().expect("repo");
+    let data: Vec<u8> = (0..10_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let id = a.start_upload(&r).expect("start").to_string();
+    let mut offset = 0u64;
+    for (i, chunk) in data.chunks(7_000).enumerate() {
+        let s = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(s.upload_offset(&r, &id).expect("offset"), offset);
+        let mut w = s.upload_writer(&r, &id, Some(offset)).expect("writer");
+        w.write(chunk).expect("write");
+        offset = s.end_chunk(w).expect("end chunk");
+    }
+    assert_eq!(offset, data.len() as u64);
+    // A chunk that starts at the wrong offset is refused on either replica.
+    assert!(matches!(
+        a.upload_writer(&r, &id, Some(3)),
+        Err(StoreError::UploadOffset { .. })
+    ));
+
+    let d = slipway_core::Digest::sha256_of(&data);
+    let w = b.upload_writer(&r, &id, None).expect("writer");
+    assert_eq!(
+        b.finish_upload(&r, w, &d).expect("finish"),
+        data.len() as u64
+    );
+    // Visible through the other replica at once, byte for byte.
+    assert_eq!(a.stat_blob(&r, &d).expect("stat"), data.len() as u64);
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut a.open_blob(&d).expect("open"), &mut back).expect("read");
+    assert_eq!(back, data);
+    // The session and its parts are gone.
+    assert!(matches!(
+        a.upload_offset(&r, &id),
+        Err(StoreError::UploadUnknown(_))
+    ));
+    let left: Vec<_> = std::fs::read_dir(shared.path().join("uploads"))
+        .expect("uploads dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "parts left behind: {left:?}");
+}
+
+#[test]
+fn a_chunk_lost_with_its_replica_leaves_the_session_at_its_last_kept_byte() {
+    let pg = server();
+    let rt = runtime();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let [(a, _da), (b, _db)] = replicas(&pg, &rt, shared.path());
+    let r: slipway_core::RepoName = "shared/lost".parse().expect("repo");
+    let id = a.start_upload(&r).expect("start").to_string();
+    let mut w = a.upload_writer(&r, &id, Some(0)).expect("writer");
+    w.write(b"kept ").expect("write");
+    assert_eq!(a.end_chunk(w).expect("end"), 5);
+    // Replica a dies mid-chunk: its writer never ends the chunk.
+    let mut w = a.upload_writer(&r, &id, Some(5)).expect("writer");
+    w.write(b"lost bytes").expect("write");
+    drop(w);
+    // Two requests race for the same offset on both replicas: one wins.
+    let mut w1 = b.upload_writer(&r, &id, Some(5)).expect("writer 1");
+    let mut w2 = a.upload_writer(&r, &id, Some(5)).expect("writer 2");
+    w1.write(b"and more").expect("write");
+    w2.write(b"XXXXXXXX").expect("write");
+    assert_eq!(b.end_chunk(w1).expect("first wins"), 13);
+    assert!(matches!(a.end_chunk(w2), Err(StoreError::UploadBusy(_))));
+    let d = slipway_core::Digest::sha256_of(b"kept and more");
+    let w = a.upload_writer(&r, &id, Some(13)).expect("writer");
+    a.finish_upload(&r, w, &d).expect("finish");
+    assert_eq!(b.stat_blob(&r, &d).expect("stat"), 13);
+}

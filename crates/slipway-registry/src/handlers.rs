@@ -703,8 +703,7 @@ async fn patch_upload(
 ) -> Result<Response> {
     let started = tokio::time::Instant::now();
     let writer = write_chunk(reg, &repo, &id, req).await?;
-    let offset = writer.offset();
-    drop(writer);
+    let offset = blocking(reg, move |s| s.end_chunk(writer)).await?;
     reg.metrics
         .upload_duration
         .observe(started.elapsed().as_secs_f64());

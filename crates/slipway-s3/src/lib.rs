@@ -9,10 +9,14 @@
 //! retried with exponential backoff by `object_store`; what still fails is
 //! `StoreError::Unavailable` (a 503 to clients), never a 500.
 //!
+//! Upload sessions whose metadata is shared (several replicas) keep each chunk
+//! as an object `<prefix>uploads/<session>/<part>`; finishing copies a single
+//! part to the blob's name on the server (`CopyObject`), or streams the parts
+//! into one multipart upload, then deletes the parts. With local metadata,
+//! sessions stage on the local disk and only the finished blob goes up.
+//!
 //! The store's methods are blocking; this backend runs its requests on the
-//! runtime it was given, from the store's blocking threads. Upload sessions still
-//! stage on the local disk (moving them into the bucket, so an upload can go on
-//! through another replica, comes with shared metadata).
+//! runtime it was given, from the store's blocking threads.
 
 use std::io::{self, Read as _};
 use std::path::Path;
@@ -100,6 +104,58 @@ impl S3Blobs {
             digest.algorithm().as_str(),
             &hex[..2]
         ))
+    }
+
+    fn part_key(&self, upload: &uuid::Uuid, name: &str) -> Result<Key> {
+        if !slipway_store::blobs::valid_part_name(name) {
+            return Err(StoreError::Db(format!("invalid upload part name {name:?}")));
+        }
+        Ok(Key::from(format!("{}uploads/{upload}/{name}", self.prefix)))
+    }
+
+    fn reader(&self, key: &Key) -> object_store::Result<BlobRead> {
+        let r = self.rt.block_on(self.store.get(key))?;
+        Ok(BlobRead::Stream(Box::new(ObjectReader {
+            stream: r.into_stream(),
+            buf: Bytes::new(),
+            rt: self.rt.clone(),
+        })))
+    }
+
+    /// Streams the parts, in order, into one object `key`.
+    fn join_parts(&self, parts: &[Key], key: &Key) -> Result<()> {
+        let upload = self
+            .rt
+            .block_on(self.store.put_multipart(key))
+            .map_err(|e| unavailable("start a multipart upload", &e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        for part in parts {
+            let mut stream = match self.rt.block_on(self.store.get(part)) {
+                Ok(r) => r.into_stream(),
+                Err(e) => {
+                    let _ = self.rt.block_on(writer.abort());
+                    return Err(unavailable("get an upload part", &e));
+                }
+            };
+            while let Some(chunk) = self.rt.block_on(stream.next()) {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = self.rt.block_on(writer.abort());
+                        return Err(unavailable("read an upload part", &e));
+                    }
+                };
+                if let Err(e) = self.rt.block_on(writer.wait_for_capacity(4)) {
+                    return Err(unavailable("upload a part", &e));
+                }
+                let _in_runtime = self.rt.enter();
+                writer.put(chunk);
+            }
+        }
+        self.rt
+            .block_on(writer.finish())
+            .map(|_| ())
+            .map_err(|e| unavailable("complete a multipart upload", &e))
     }
 
     /// Whether the blob is there.
@@ -199,12 +255,8 @@ impl BlobBackend for S3Blobs {
 
     fn open_blob(&self, digest: &Digest) -> Result<BlobRead> {
         let key = self.key(digest);
-        match self.rt.block_on(self.store.get(&key)) {
-            Ok(r) => Ok(BlobRead::Stream(Box::new(ObjectReader {
-                stream: r.into_stream(),
-                buf: Bytes::new(),
-                rt: self.rt.clone(),
-            }))),
+        match self.reader(&key) {
+            Ok(r) => Ok(r),
             Err(object_store::Error::NotFound { .. }) => {
                 Err(StoreError::BlobUnknown(digest.clone()))
             }
@@ -217,6 +269,48 @@ impl BlobBackend for S3Blobs {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(unavailable("delete", &e)),
         }
+    }
+
+    fn put_part(&self, upload: &uuid::Uuid, name: &str, staged: &Path) -> Result<()> {
+        let key = self.part_key(upload, name)?;
+        self.put_file(staged, &key)?;
+        let _ = std::fs::remove_file(staged);
+        Ok(())
+    }
+
+    fn open_part(&self, upload: &uuid::Uuid, name: &str) -> Result<BlobRead> {
+        let key = self.part_key(upload, name)?;
+        self.reader(&key)
+            .map_err(|e| unavailable("get an upload part", &e))
+    }
+
+    fn commit_parts(&self, upload: &uuid::Uuid, parts: &[String], digest: &Digest) -> Result<()> {
+        let key = self.key(digest);
+        if self.exists(&key)? {
+            return Ok(());
+        }
+        let parts: Vec<Key> = parts
+            .iter()
+            .map(|p| self.part_key(upload, p))
+            .collect::<Result<_>>()?;
+        if let [only] = parts.as_slice()
+            && self.rt.block_on(self.store.copy(only, &key)).is_ok()
+        {
+            return Ok(());
+        }
+        // Several parts (or a copy the server refused, e.g. over 5 GiB).
+        self.join_parts(&parts, &key)
+    }
+
+    fn remove_parts(&self, upload: &uuid::Uuid, parts: &[String]) -> Result<()> {
+        for p in parts {
+            let key = self.part_key(upload, p)?;
+            match self.rt.block_on(self.store.delete(&key)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(unavailable("delete an upload part", &e)),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -83,3 +83,115 @@ fn a_stopped_server_is_unavailable_not_an_internal_error() {
         "retries are bounded"
     );
 }
+
+fn replica(
+    s3: &S3Server,
+    pg: &slipway_testkit::PgServer,
+    rt: &tokio::runtime::Runtime,
+) -> (slipway_store::Store, tempfile::TempDir) {
+    let local = tempfile::tempdir().expect("tmp");
+    let md = slipway_postgres::PgMetadata::open(&pg.url, rt.handle().clone()).expect("pg");
+    let store = slipway_store::Store::open_parts(
+        local.path(),
+        std::sync::Arc::new(backend(s3, rt)),
+        std::sync::Arc::new(md),
+    )
+    .expect("store");
+    (store, local)
+}
+
+fn objects_under(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                objects_under(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn two_replicas_on_one_bucket_and_database_share_chunked_uploads_and_blobs() {
+    let s3 = S3Server::start().expect("s3s-fs runs (scripts/test installs it)");
+    let pg = slipway_testkit::PgServer::start().expect("postgresql-15 (scripts/test installs it)");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (a, _la) = replica(&s3, &pg, &rt);
+    let (b, _lb) = replica(&s3, &pg, &rt);
+    let r: slipway_core::RepoName = "team/app".parse().expect("repo");
+
+    // Three chunks of 9 MiB, alternating replicas: joined into one multipart object.
+    let big: Vec<u8> = (0..27u32 << 20).map(|i| (i % 253) as u8).collect();
+    let id = a.start_upload(&r).expect("start").to_string();
+    let mut offset = 0;
+    for (i, chunk) in big.chunks(9 << 20).enumerate() {
+        let s = [&a, &b][i % 2];
+        let mut w = s.upload_writer(&r, &id, Some(offset)).expect("writer");
+        w.write(chunk).expect("write");
+        offset = s.end_chunk(w).expect("end chunk");
+    }
+    let d = Digest::sha256_of(&big);
+    let w = b.upload_writer(&r, &id, None).expect("writer");
+    b.finish_upload(&r, w, &d).expect("finish on b");
+    let mut back = Vec::new();
+    a.open_blob(&d)
+        .expect("open on a")
+        .read_to_end(&mut back)
+        .expect("read");
+    assert!(back == big, "the joined blob is the uploaded bytes");
+
+    // One chunk: copied on the server.
+    let small = b"one chunk".to_vec();
+    let id = b.start_upload(&r).expect("start").to_string();
+    let mut w = b.upload_writer(&r, &id, Some(0)).expect("writer");
+    w.write(&small).expect("write");
+    let ds = Digest::sha256_of(&small);
+    b.finish_upload(&r, w, &ds).expect("finish");
+    assert_eq!(
+        a.stat_blob(&r, &ds).expect("visible on a"),
+        small.len() as u64
+    );
+    assert_eq!(
+        objects_under(&s3.bucket_dir.join("reg/uploads")),
+        0,
+        "no part left in the bucket"
+    );
+}
+
+#[test]
+fn object_storage_stopped_mid_upload_is_a_clean_503_and_the_upload_goes_on_after() {
+    let mut s3 = S3Server::start().expect("s3s-fs runs (scripts/test installs it)");
+    let pg = slipway_testkit::PgServer::start().expect("postgresql-15 (scripts/test installs it)");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (a, _la) = replica(&s3, &pg, &rt);
+    let (b, _lb) = replica(&s3, &pg, &rt);
+    let r: slipway_core::RepoName = "team/fault".parse().expect("repo");
+    let id = a.start_upload(&r).expect("start").to_string();
+    let mut w = a.upload_writer(&r, &id, Some(0)).expect("writer");
+    w.write(b"first ").expect("write");
+    assert_eq!(a.end_chunk(w).expect("kept"), 6);
+
+    s3.kill();
+    let mut w = a.upload_writer(&r, &id, Some(6)).expect("writer");
+    w.write(b"second").expect("write");
+    let err = a.end_chunk(w).expect_err("object storage is down");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(
+        b.upload_offset(&r, &id).expect("offset"),
+        6,
+        "nothing half-kept"
+    );
+
+    s3.restart();
+    let mut w = b.upload_writer(&r, &id, Some(6)).expect("writer");
+    w.write(b"second").expect("write");
+    let d = Digest::sha256_of(b"first second");
+    b.finish_upload(&r, w, &d)
+        .expect("finish after the restart");
+    assert_eq!(a.stat_blob(&r, &d).expect("visible"), 12);
+}

@@ -62,6 +62,46 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     fn open_blob(&self, digest: &Digest) -> Result<BlobRead>;
     /// Removes a blob; a missing one is not an error.
     fn remove(&self, digest: &Digest) -> Result<()>;
+
+    /// Keeps one chunk of upload session `upload` as its part `name` (a name
+    /// the store generated), durably; `staged` is consumed. Used when several
+    /// replicas share the store, so any of them can go on with the session; a
+    /// backend that cannot keep parts serves one machine only.
+    fn put_part(&self, upload: &uuid::Uuid, name: &str, staged: &Path) -> Result<()> {
+        let _ = (upload, name, staged);
+        Err(no_parts())
+    }
+    /// Opens a part of an upload session.
+    fn open_part(&self, upload: &uuid::Uuid, name: &str) -> Result<BlobRead> {
+        let _ = (upload, name);
+        Err(no_parts())
+    }
+    /// Makes the concatenation of `parts`, in order, the blob `digest` (the
+    /// store verified the digest); the parts stay until [`Self::remove_parts`].
+    fn commit_parts(&self, upload: &uuid::Uuid, parts: &[String], digest: &Digest) -> Result<()> {
+        let _ = (upload, parts, digest);
+        Err(no_parts())
+    }
+    /// Removes parts of an upload session; missing ones are not an error.
+    fn remove_parts(&self, upload: &uuid::Uuid, parts: &[String]) -> Result<()> {
+        let _ = (upload, parts);
+        Ok(())
+    }
+}
+
+fn no_parts() -> StoreError {
+    StoreError::Db(
+        "this blob backend keeps no upload parts: it cannot serve shared metadata".into(),
+    )
+}
+
+/// Whether `name` is a part name the store generates: `<offset>-<uuid>`.
+pub fn valid_part_name(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(offset, id)| {
+        !offset.is_empty()
+            && offset.bytes().all(|b| b.is_ascii_digit())
+            && uuid::Uuid::parse_str(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+    })
 }
 
 /// The blob tree rooted at a data directory.
@@ -102,6 +142,18 @@ impl FsBlobs {
     /// The staging directory (for purging orphans).
     pub fn uploads_dir(&self) -> &Path {
         &self.uploads
+    }
+
+    /// Where a shared upload session keeps its parts.
+    fn parts_dir(&self, upload: &uuid::Uuid) -> PathBuf {
+        self.uploads.join(format!("{upload}.parts"))
+    }
+
+    fn part_path(&self, upload: &uuid::Uuid, name: &str) -> Result<PathBuf> {
+        if !valid_part_name(name) {
+            return Err(StoreError::Db(format!("invalid upload part name {name:?}")));
+        }
+        Ok(self.parts_dir(upload).join(name))
     }
 }
 
@@ -155,6 +207,58 @@ impl BlobBackend for FsBlobs {
             }
             _ => Ok(()),
         }
+    }
+
+    fn put_part(&self, upload: &uuid::Uuid, name: &str, staged: &Path) -> Result<()> {
+        let dest = self.part_path(upload, name)?;
+        let dir = self.parts_dir(upload);
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create upload parts directory", e))?;
+        File::open(staged)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::io("fsync upload part", e))?;
+        fs::rename(staged, &dest).map_err(|e| StoreError::io("move upload part into place", e))?;
+        sync_dir(&dir)
+    }
+
+    fn open_part(&self, upload: &uuid::Uuid, name: &str) -> Result<BlobRead> {
+        File::open(self.part_path(upload, name)?)
+            .map(BlobRead::File)
+            .map_err(|e| StoreError::io(format!("open upload part {name}"), e))
+    }
+
+    fn commit_parts(&self, upload: &uuid::Uuid, parts: &[String], digest: &Digest) -> Result<()> {
+        if self.path(digest).exists() {
+            return Ok(());
+        }
+        let staged = self.staging_path(&uuid::Uuid::new_v4());
+        let res = (|| {
+            let mut out =
+                File::create(&staged).map_err(|e| StoreError::io("create staged blob", e))?;
+            for p in parts {
+                let mut part = self.open_part(upload, p)?;
+                io::copy(&mut part, &mut out)
+                    .map_err(|e| StoreError::io("join upload parts", e))?;
+            }
+            drop(out);
+            self.commit(&staged, digest)
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&staged);
+        }
+        res
+    }
+
+    fn remove_parts(&self, upload: &uuid::Uuid, parts: &[String]) -> Result<()> {
+        for p in parts {
+            match fs::remove_file(self.part_path(upload, p)?) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(StoreError::io("remove upload part", e));
+                }
+                _ => {}
+            }
+        }
+        let _ = fs::remove_dir(self.parts_dir(upload));
+        Ok(())
     }
 
     fn open_blob(&self, digest: &Digest) -> Result<BlobRead> {

@@ -108,6 +108,11 @@ impl Fence for () {}
 
 /// The store's indexes. Every method is blocking and is one transaction.
 pub trait Metadata: Send + Sync + std::fmt::Debug {
+    /// Whether several replicas share this metadata: upload sessions then keep
+    /// their bytes and hash state in shared storage, not in one replica.
+    fn shared(&self) -> bool {
+        false
+    }
     /// Sum of every committed blob's size.
     fn total_blob_bytes(&self) -> Result<u64>;
     /// The size of a blob if it is linked into `repo`.

@@ -184,10 +184,9 @@ pub fn behaviour_suite(store: &Store) {
 
     // Upload sessions: offsets, order, cancel.
     let id = store.start_upload(&a).unwrap().to_string();
-    {
-        let mut w = store.upload_writer(&a, &id, Some(0)).unwrap();
-        w.write(b"abc").unwrap();
-    }
+    let mut w = store.upload_writer(&a, &id, Some(0)).unwrap();
+    w.write(b"abc").unwrap();
+    assert_eq!(store.end_chunk(w).unwrap(), 3);
     assert_eq!(store.upload_offset(&a, &id).unwrap(), 3);
     assert!(matches!(
         store.upload_writer(&a, &id, Some(1)),

@@ -977,6 +977,8 @@ pub const S3S_FS_VERSION: &str = "0.14.1";
 /// with one bucket; killed (by PID) on drop.
 pub struct S3Server {
     child: Child,
+    bin: PathBuf,
+    port: u16,
     /// `http://127.0.0.1:<port>`.
     pub endpoint: String,
     /// The bucket's directory (objects are files under it).
@@ -1008,16 +1010,11 @@ impl S3Server {
         let bucket_dir = dir.path().join(Self::BUCKET);
         std::fs::create_dir_all(&bucket_dir).ok()?;
         let port = free_port();
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", Self::KEYS.0, "--secret-key", Self::KEYS.1])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+        let child = Self::spawn(&bin, port, dir.path())?;
         let s = Self {
             child,
+            bin,
+            port,
             endpoint: format!("http://127.0.0.1:{port}"),
             bucket_dir,
             _dir: dir,
@@ -1026,6 +1023,33 @@ impl S3Server {
             TcpStream::connect(("127.0.0.1", port)).ok()
         })
         .map(|_| s)
+    }
+
+    fn spawn(bin: &Path, port: u16, root: &Path) -> Option<Child> {
+        Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", Self::KEYS.0, "--secret-key", Self::KEYS.1])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+    }
+
+    /// Starts it again after [`S3Server::kill`], on the same port and objects.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.bin, self.port, self._dir.path()).expect("restart s3s-fs");
+        let port = self.port;
+        assert!(
+            poll(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .ok())
+            .is_some(),
+            "s3s-fs did not come back on port {port}"
+        );
     }
 
     /// Stops it (SIGKILL), as a crashed server.
