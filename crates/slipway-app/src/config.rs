@@ -77,6 +77,27 @@ pub struct StorageSection {
     pub secret_access_key: Option<String>,
     /// With `s3`: prepended to every object name.
     pub prefix: Option<String>,
+    /// Registry metadata shared by several replicas:
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME`. Unset: an embedded
+    /// database under the data directory (one replica).
+    pub database: Option<String>,
+    /// With `s3`: answer blob GETs with a redirect to a presigned URL of the
+    /// object (valid this long), so large pulls bypass the replica. Off by default.
+    pub redirect: Option<Dur>,
+}
+
+/// `url` with any password replaced, for messages and logs.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 /// Where committed blobs live, resolved.
@@ -89,12 +110,32 @@ pub enum BlobStorage {
 }
 
 impl StorageSection {
+    fn database(&self) -> Result<Option<String>, ConfigError> {
+        let Some(url) = self.database.clone().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                field: "storage.database".into(),
+                message: format!(
+                    "{:?} must be a PostgreSQL URL: postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME",
+                    redact_password(&url)
+                ),
+            });
+        }
+        Ok(Some(url))
+    }
+
     fn resolve(&self) -> Result<BlobStorage, ConfigError> {
         let invalid = |field: &str, message: String| ConfigError::Invalid {
             field: format!("storage.{field}"),
             message,
         };
         match self.backend.as_deref().unwrap_or("filesystem") {
+            "filesystem" if self.redirect.is_some() => Err(invalid(
+                "redirect",
+                "needs backend = \"s3\": a local blob has no URL to redirect to".into(),
+            )),
             "filesystem" => Ok(BlobStorage::Filesystem),
             "s3" => {
                 let bucket = self
@@ -137,6 +178,7 @@ impl StorageSection {
                         "secret_access_key",
                     )?,
                     prefix: self.prefix.clone().unwrap_or_default(),
+                    redirect: self.redirect.map(|d| d.0),
                 }))
             }
             other => Err(invalid(
@@ -459,6 +501,8 @@ pub struct Settings {
     pub cluster: ClusterSection,
     /// Where committed registry blobs live.
     pub blob_storage: BlobStorage,
+    /// The PostgreSQL URL of shared registry metadata, if any.
+    pub registry_database: Option<String>,
     /// The cluster's join token (agents' heartbeats and the agent API carry it).
     pub join_token: Option<String>,
     /// Whether this control plane's node runs instances.
@@ -794,8 +838,10 @@ impl Settings {
             ));
         }
         let blob_storage = file.storage.resolve()?;
+        let registry_database = file.storage.database()?;
         Ok(Self {
             blob_storage,
+            registry_database,
             cluster: c,
             join_token,
             run_instances: !o.no_instances,

@@ -30,6 +30,36 @@ async fn lost(leadership: &mut Option<watch::Receiver<bool>>) {
     }
 }
 
+/// Opens the registry's store: blobs on the local disk or in a bucket, indexes
+/// in an embedded database or (shared by replicas) in PostgreSQL.
+fn open_store(
+    data_dir: &std::path::Path,
+    storage: crate::config::BlobStorage,
+    database: Option<&str>,
+    handle: tokio::runtime::Handle,
+) -> anyhow::Result<Store> {
+    let blobs: Arc<dyn slipway_store::BlobBackend> = match storage {
+        crate::config::BlobStorage::Filesystem => {
+            Arc::new(slipway_store::blobs::FsBlobs::open(data_dir)?)
+        }
+        crate::config::BlobStorage::S3(cfg) => {
+            tracing::info!(bucket = %cfg.bucket, endpoint = ?cfg.endpoint, "registry blobs in object storage");
+            Arc::new(slipway_s3::S3Blobs::new(&cfg, handle.clone()).map_err(anyhow::Error::msg)?)
+        }
+    };
+    let Some(url) = database else {
+        return Ok(Store::open_with(data_dir, blobs)?);
+    };
+    let meta = slipway_postgres::PgMetadata::open(url, handle).with_context(|| {
+        format!(
+            "storage.database: cannot open {}",
+            crate::config::redact_password(url)
+        )
+    })?;
+    tracing::info!(database = %crate::config::redact_password(url), "registry metadata shared in PostgreSQL");
+    Ok(Store::open_parts(data_dir, blobs, Arc::new(meta))?)
+}
+
 /// Runs `slipway serve` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish within the configured grace, and returns.
 ///
@@ -49,13 +79,9 @@ pub async fn serve(
     let data_dir = settings.data_dir.clone();
     let storage = settings.blob_storage.clone();
     let handle = tokio::runtime::Handle::current();
-    let store = tokio::task::spawn_blocking(move || match storage {
-        crate::config::BlobStorage::Filesystem => Store::open(&data_dir).map_err(anyhow::Error::from),
-        crate::config::BlobStorage::S3(cfg) => {
-            tracing::info!(bucket = %cfg.bucket, endpoint = ?cfg.endpoint, "registry blobs in object storage");
-            let blobs = slipway_s3::S3Blobs::new(&cfg, handle).map_err(anyhow::Error::msg)?;
-            Store::open_with(&data_dir, Arc::new(blobs)).map_err(anyhow::Error::from)
-        }
+    let database = settings.registry_database.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        open_store(&data_dir, storage, database.as_deref(), handle)
     })
     .await?
     .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;

@@ -502,6 +502,14 @@ async fn get_blob(
         return Ok((status, headers).into_response());
     };
     let d = digest.clone();
+    if let Some(url) = blocking(reg, move |s| s.blob_redirect(&d)).await? {
+        // Object storage serves the bytes (and any Range) itself.
+        let mut h = HeaderMap::new();
+        h.insert("docker-content-digest", hv(&digest.to_string()));
+        h.insert(header::LOCATION, hv(&url));
+        return Ok((StatusCode::TEMPORARY_REDIRECT, h).into_response());
+    }
+    let d = digest.clone();
     let mut file = match blocking(reg, move |s| s.open_blob(&d)).await? {
         slipway_store::BlobRead::File(f) => f,
         slipway_store::BlobRead::Stream(r) => {

@@ -51,12 +51,16 @@ pub struct S3Config {
     pub secret_access_key: String,
     /// Prepended to every object name, e.g. `registry/`.
     pub prefix: String,
+    /// Answer blob GETs with a presigned URL valid this long (off: `None`).
+    pub redirect: Option<Duration>,
 }
 
 /// Committed blobs in a bucket.
 #[derive(Debug)]
 pub struct S3Blobs {
     store: Arc<dyn ObjectStore>,
+    /// The same client, for presigning, when redirects are on.
+    signer: Option<(Arc<object_store::aws::AmazonS3>, Duration)>,
     prefix: String,
     rt: Handle,
 }
@@ -88,9 +92,10 @@ impl S3Blobs {
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_virtual_hosted_style_request(false);
         }
-        let store = b.build().map_err(|e| format!("object storage: {e}"))?;
+        let store = Arc::new(b.build().map_err(|e| format!("object storage: {e}"))?);
         Ok(Self {
-            store: Arc::new(store),
+            signer: cfg.redirect.map(|d| (store.clone(), d)),
+            store,
             prefix: cfg.prefix.clone(),
             rt,
         })
@@ -269,6 +274,17 @@ impl BlobBackend for S3Blobs {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(unavailable("delete", &e)),
         }
+    }
+
+    fn redirect_url(&self, digest: &Digest) -> Result<Option<String>> {
+        use object_store::signer::Signer as _;
+        let Some((signer, ttl)) = &self.signer else {
+            return Ok(None);
+        };
+        self.rt
+            .block_on(signer.signed_url(http::Method::GET, &self.key(digest), *ttl))
+            .map(|u| Some(u.to_string()))
+            .map_err(|e| unavailable("presign", &e))
     }
 
     fn put_part(&self, upload: &uuid::Uuid, name: &str, staged: &Path) -> Result<()> {

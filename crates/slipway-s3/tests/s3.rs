@@ -16,6 +16,7 @@ fn backend(s3: &S3Server, rt: &tokio::runtime::Runtime) -> S3Blobs {
             access_key_id: S3Server::KEYS.0.into(),
             secret_access_key: S3Server::KEYS.1.into(),
             prefix: "reg/".into(),
+            redirect: None,
         },
         rt.handle().clone(),
     )

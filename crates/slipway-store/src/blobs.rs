@@ -63,6 +63,13 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     /// Removes a blob; a missing one is not an error.
     fn remove(&self, digest: &Digest) -> Result<()>;
 
+    /// A URL a client may fetch the blob from directly (a presigned object
+    /// URL), when the backend is set to redirect; `None` serves it here.
+    fn redirect_url(&self, digest: &Digest) -> Result<Option<String>> {
+        let _ = digest;
+        Ok(None)
+    }
+
     /// Keeps one chunk of upload session `upload` as its part `name` (a name
     /// the store generated), durably; `staged` is consumed. Used when several
     /// replicas share the store, so any of them can go on with the session; a

@@ -151,6 +151,12 @@ impl Store {
         self.blobs.open_blob(digest)
     }
 
+    /// Where a client may fetch a committed blob directly, if the backend
+    /// redirects (callers check the repository link first). Blocking.
+    pub fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>> {
+        self.blobs.redirect_url(digest)
+    }
+
     /// Makes the tags `rules` match immutable (replacing earlier rules).
     pub fn set_immutable(&self, rules: Vec<ImmutableRule>) {
         *self

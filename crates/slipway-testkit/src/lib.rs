@@ -1187,3 +1187,54 @@ impl Drop for PgServer {
         self.stop();
     }
 }
+
+/// Two `slipway serve` replicas sharing one bucket (`s3s-fs`) and one
+/// PostgreSQL database, each with its own data directory: what several
+/// replicas behind a load balancer are.
+pub struct SharedRegistry {
+    /// Replica A.
+    pub a: TestServer,
+    /// Replica B.
+    pub b: TestServer,
+    /// The S3 server.
+    pub s3: S3Server,
+    /// The database.
+    pub pg: PgServer,
+    /// The configuration file both replicas read.
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SharedRegistry {
+    /// Starts the S3 server, the database and both replicas; `extra` is
+    /// appended to their configuration file.
+    pub fn start(bin: &str, extra: &str) -> Self {
+        let s3 = S3Server::start().expect("s3s-fs runs (scripts/test installs it)");
+        let pg = PgServer::start().expect("postgresql-15 is installed (scripts/test installs it)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("slipway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\nbackend = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"reg/\"\ndatabase = \"{}\"\n{extra}",
+                s3.endpoint,
+                S3Server::BUCKET,
+                S3Server::KEYS.0,
+                S3Server::KEYS.1,
+                pg.url
+            ),
+        )
+        .expect("write config");
+        let c = config.display().to_string();
+        let a = TestServer::start_with(bin, &["--config", &c]);
+        let b = TestServer::start_with(bin, &["--config", &c]);
+        Self {
+            a,
+            b,
+            s3,
+            pg,
+            config,
+            _dir: dir,
+        }
+    }
+}
