@@ -42,6 +42,9 @@ pub enum Code {
     Denied,
     /// TOOMANYREQUESTS, 429.
     TooManyRequests,
+    /// UNAVAILABLE, 503 (as Distribution): storage or the database cannot be
+    /// reached now; retry.
+    Unavailable,
 }
 
 /// A registry error: a code, a status, a message and optional detail.
@@ -83,6 +86,7 @@ impl Code {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::Denied => "DENIED",
             Self::TooManyRequests => "TOOMANYREQUESTS",
+            Self::Unavailable => "UNAVAILABLE",
         }
     }
 
@@ -96,6 +100,7 @@ impl Code {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Denied => StatusCode::FORBIDDEN,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -178,9 +183,7 @@ impl From<StoreError> for RegistryError {
             StoreError::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
             StoreError::TagImmutable { .. } => Code::Denied,
             StoreError::Unavailable(_) => {
-                return Self::new(Code::Unknown, msg)
-                    .with_status(StatusCode::SERVICE_UNAVAILABLE)
-                    .with_header(header::RETRY_AFTER, "5");
+                return Self::new(Code::Unavailable, msg).with_header(header::RETRY_AFTER, "5");
             }
             StoreError::StorageFull(_) => {
                 return Self::new(Code::Unknown, msg).with_status(StatusCode::INSUFFICIENT_STORAGE);

@@ -687,20 +687,24 @@ async fn write_chunk(
     let limit = range.map(|(a, b)| b - a + 1);
     let start = writer.offset();
     let (writer, res) = stream_body(reg, writer, req.into_body(), limit).await;
-    res?;
-    if let Some(limit) = limit {
-        let got = writer.offset() - start;
-        if got != limit {
-            let offset = writer.offset();
-            return Err(RegistryError::new(
-                Code::BlobUploadInvalid,
-                format!("Content-Range announced {limit} bytes but the body had {got}"),
-            )
-            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
-            .with_header(header::RANGE, &range_header(offset)));
-        }
+    let short = limit.filter(|l| writer.offset() - start != *l);
+    if res.is_ok() && short.is_none() {
+        return Ok(writer);
     }
-    Ok(writer)
+    // The session keeps what did arrive (a client that hung up resumes there).
+    let got = writer.offset() - start;
+    let kept = blocking(reg, move |s| s.end_chunk(writer)).await;
+    res?;
+    let offset = kept?;
+    Err(RegistryError::new(
+        Code::BlobUploadInvalid,
+        format!(
+            "Content-Range announced {} bytes but the body had {got}",
+            short.unwrap_or_default()
+        ),
+    )
+    .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+    .with_header(header::RANGE, &range_header(offset)))
 }
 
 async fn patch_upload(

@@ -10,9 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-#[test]
-fn base_endpoint_announces_the_api_version() {
-    let s = TestServer::start(BIN);
+fn base_endpoint_announces_the_api_version(s: &TestServer) {
     for m in ["GET", "HEAD"] {
         let r = s.request(m, "/v2/", &[], b"");
         assert_eq!(r.status, 200);
@@ -26,9 +24,7 @@ fn base_endpoint_announces_the_api_version() {
     assert_eq!(r.error_code(), "UNSUPPORTED");
 }
 
-#[test]
-fn unknown_routes_and_methods_get_oci_errors() {
-    let s = TestServer::start(BIN);
+fn unknown_routes_and_methods_get_oci_errors(s: &TestServer) {
     let r = s.get("/nowhere");
     assert_eq!((r.status, r.error_code().as_str()), (404, "UNSUPPORTED"));
     let r = s.get("/v2/app/unknown/thing");
@@ -38,9 +34,7 @@ fn unknown_routes_and_methods_get_oci_errors() {
     assert!(r.header("allow").is_some_and(|a| a.contains("PUT")));
 }
 
-#[test]
-fn monolithic_push_then_get_head_and_ranges() {
-    let s = TestServer::start(BIN);
+fn monolithic_push_then_get_head_and_ranges(s: &TestServer) {
     let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
     let digest = s.push_blob("team/app", &data);
     let r = s.request("HEAD", &format!("/v2/team/app/blobs/{digest}"), &[], b"");
@@ -76,9 +70,7 @@ fn monolithic_push_then_get_head_and_ranges() {
     assert_eq!(r.header("content-range"), Some("bytes */10000"));
 }
 
-#[test]
-fn chunked_upload_with_status_out_of_order_chunk_and_final_put() {
-    let s = TestServer::start(BIN);
+fn chunked_upload_with_status_out_of_order_chunk_and_final_put(s: &TestServer) {
     let r = s.request("POST", "/v2/app/blobs/uploads/", &[], b"");
     assert_eq!(r.status, 202);
     let loc = r.header("location").expect("location").to_owned();
@@ -157,9 +149,7 @@ fn chunked_upload_with_status_out_of_order_chunk_and_final_put() {
     );
 }
 
-#[test]
-fn digest_mismatch_is_refused_and_nothing_becomes_visible() {
-    let s = TestServer::start(BIN);
+fn digest_mismatch_is_refused_and_nothing_becomes_visible(s: &TestServer) {
     let wrong = sha256(b"something else");
     let r = s.request(
         "POST",
@@ -193,9 +183,7 @@ fn digest_mismatch_is_refused_and_nothing_becomes_visible() {
     assert_eq!(s.request("GET", &loc, &[], b"").status, 404);
 }
 
-#[test]
-fn cross_repository_mount_links_or_falls_back_to_an_upload() {
-    let s = TestServer::start(BIN);
+fn cross_repository_mount_links_or_falls_back_to_an_upload(s: &TestServer) {
     let digest = s.push_blob("src/repo", b"layer bytes");
     assert_eq!(
         s.request("HEAD", &format!("/v2/dst/blobs/{digest}"), &[], b"")
@@ -233,9 +221,7 @@ fn cross_repository_mount_links_or_falls_back_to_an_upload() {
     );
 }
 
-#[test]
-fn manifests_by_tag_and_digest_with_exact_bytes() {
-    let s = TestServer::start(BIN);
+fn manifests_by_tag_and_digest_with_exact_bytes(s: &TestServer) {
     let (digest, body) = s.push_image("app", "v1", b"{}", &[b"layer one"]);
     for reference in ["v1", digest.as_str()] {
         let r = s.request(
@@ -280,9 +266,7 @@ fn manifests_by_tag_and_digest_with_exact_bytes() {
     );
 }
 
-#[test]
-fn index_docker_and_artifact_manifests_are_accepted() {
-    let s = TestServer::start(BIN);
+fn index_docker_and_artifact_manifests_are_accepted(s: &TestServer) {
     let (child, body) = s.push_image("app", "amd64", b"{}", &[b"l"]);
     let index = format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{child}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
@@ -380,9 +364,7 @@ fn index_docker_and_artifact_manifests_are_accepted() {
     assert_eq!(none.json()["manifests"].as_array().map(Vec::len), Some(0));
 }
 
-#[test]
-fn bad_manifests_get_precise_errors() {
-    let s = TestServer::start(BIN);
+fn bad_manifests_get_precise_errors(s: &TestServer) {
     let r = s.request(
         "PUT",
         "/v2/app/manifests/v1",
@@ -454,9 +436,7 @@ fn bad_manifests_get_precise_errors() {
     );
 }
 
-#[test]
-fn hostile_names_and_digests_never_reach_the_filesystem() {
-    let s = TestServer::start(BIN);
+fn hostile_names_and_digests_never_reach_the_filesystem(s: &TestServer) {
     let cases = [
         ("/v2/../../etc/manifests/v1", "NAME_INVALID"),
         ("/v2/%2e%2e/%2e%2e/etc/manifests/v1", "NAME_INVALID"),
@@ -487,9 +467,7 @@ fn hostile_names_and_digests_never_reach_the_filesystem() {
     assert_eq!(s.get("/v2/").status, 200, "server keeps serving");
 }
 
-#[test]
-fn tags_and_catalog_paginate_with_link_headers() {
-    let s = TestServer::start(BIN);
+fn tags_and_catalog_paginate_with_link_headers(s: &TestServer) {
     for t in ["c", "a", "b", "d"] {
         s.push_image("one", t, b"{}", &[]);
     }
@@ -520,9 +498,7 @@ fn tags_and_catalog_paginate_with_link_headers() {
     );
 }
 
-#[test]
-fn deletes_remove_only_what_they_name() {
-    let s = TestServer::start(BIN);
+fn deletes_remove_only_what_they_name(s: &TestServer) {
     let (digest, _) = s.push_image("app", "v1", b"{}", &[b"layer"]);
     let r = s.request(
         "PUT",
@@ -575,9 +551,7 @@ fn deletes_remove_only_what_they_name() {
     );
 }
 
-#[test]
-fn client_disconnect_mid_upload_leaves_a_resumable_session() {
-    let s = TestServer::start(BIN);
+fn client_disconnect_mid_upload_leaves_a_resumable_session(s: &TestServer) {
     let r = s.request("POST", "/v2/app/blobs/uploads/", &[], b"");
     let loc = r.header("location").expect("location").to_owned();
     let first = vec![7u8; 300_000];
@@ -938,3 +912,43 @@ fn a_mirror_pulls_through_from_distribution_revalidates_tags_and_serves_its_copy
     );
     assert!(String::from_utf8_lossy(&missing.body).contains("upstream"));
 }
+
+/// Each check runs on one machine, and on replica B of two sharing a bucket
+/// and a PostgreSQL database (replica A up beside it).
+macro_rules! on_one_machine_and_on_a_replica {
+    ($($name:ident),* $(,)?) => {
+        mod one_machine {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&slipway_testkit::TestServer::start(super::BIN));
+                }
+            )*
+        }
+        mod replica {
+            $(
+                #[test]
+                fn $name() {
+                    let r = slipway_testkit::SharedRegistry::start(super::BIN, "");
+                    super::$name(&r.b);
+                }
+            )*
+        }
+    };
+}
+
+on_one_machine_and_on_a_replica!(
+    base_endpoint_announces_the_api_version,
+    unknown_routes_and_methods_get_oci_errors,
+    monolithic_push_then_get_head_and_ranges,
+    chunked_upload_with_status_out_of_order_chunk_and_final_put,
+    digest_mismatch_is_refused_and_nothing_becomes_visible,
+    cross_repository_mount_links_or_falls_back_to_an_upload,
+    manifests_by_tag_and_digest_with_exact_bytes,
+    index_docker_and_artifact_manifests_are_accepted,
+    bad_manifests_get_precise_errors,
+    hostile_names_and_digests_never_reach_the_filesystem,
+    tags_and_catalog_paginate_with_link_headers,
+    deletes_remove_only_what_they_name,
+    client_disconnect_mid_upload_leaves_a_resumable_session,
+);

@@ -293,3 +293,25 @@ fn blob_gets_redirect_to_a_presigned_url_when_configured() {
     );
     assert_eq!(s.get(&format!("/v2/other/blobs/{d}")).status, 404);
 }
+
+#[test]
+fn with_the_database_restarted_replicas_answer_503_meanwhile_and_reconnect() {
+    let mut r = SharedRegistry::start(BIN, "");
+    let (m, _) = r.a.push_image("db/app", "v1", b"{}", &[b"before"]);
+    r.pg.stop();
+    for s in [&r.a, &r.b] {
+        let got = s.get("/v2/db/app/manifests/v1");
+        assert_eq!(got.status, 503, "{}", String::from_utf8_lossy(&got.body));
+        assert_eq!(got.error_code(), "UNAVAILABLE");
+        assert!(got.header("retry-after").is_some());
+    }
+    r.pg.resume();
+    // Both replicas reconnect on their next request; nothing was lost.
+    for s in [&r.a, &r.b] {
+        let got = s.get("/v2/db/app/manifests/v1");
+        assert_eq!(got.status, 200);
+        assert_eq!(sha256(&got.body), m);
+    }
+    r.b.push_image("db/app", "v2", b"{}", &[b"after"]);
+    assert_eq!(r.a.get("/v2/db/app/manifests/v2").status, 200);
+}

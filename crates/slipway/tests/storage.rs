@@ -113,4 +113,5 @@ fn with_blobs_in_s3_clients_push_pull_and_run_images_and_gc_deletes_the_objects(
     let r = s.request("GET", &format!("/v2/busybox/blobs/{layer}"), &[], b"");
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("retry-after"), Some("5"));
+    assert_eq!(r.error_code(), "UNAVAILABLE");
 }
