@@ -109,16 +109,31 @@ type Res<T> = std::result::Result<T, Failure>;
 fn failure(e: Failure) -> StoreError {
     match e {
         Failure::Store(e) => e,
+        Failure::Pg(e) if lost(&e) => StoreError::Unavailable(format!("metadata database: {e}")),
         Failure::Pg(e) => match e.as_db_error() {
             Some(d) => StoreError::Db(format!("postgresql: {}: {}", d.code().code(), d.message())),
-            None => StoreError::Unavailable(format!("metadata database: {e}")),
+            None => StoreError::Db(format!("postgresql: {e}")),
         },
     }
 }
 
+/// Whether the server or the connection went away (not a bad statement):
+/// a closed connection, an I/O error, or SQLSTATE class 08 (connection
+/// exception) and 57P01..57P03 (shut down, crashed, starting up).
+fn lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(d) = e.as_db_error() {
+        let code = d.code().code();
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+    }
+    std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
 /// Whether the connection, not the statement, failed (worth a new connection).
 fn broken(e: &Failure) -> bool {
-    matches!(e, Failure::Pg(e) if e.as_db_error().is_none() || e.is_closed())
+    matches!(e, Failure::Pg(e) if lost(e))
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -403,6 +418,21 @@ impl Metadata for PgMetadata {
                 t.commit().await?;
                 Ok(true)
             }
+        })
+    }
+
+    fn touch(&self, repo: &RepoName, digest: &Digest, now: u64) -> Result<()> {
+        let d = digest.to_string();
+        let now = i64_of(now);
+        // At most one write a second per link, however many clients pull it.
+        self.inner.run(async |c| {
+            c.execute(
+                "UPDATE repo_blobs SET linked_ms = $3 \
+                 WHERE repo = $1 AND digest = $2 AND linked_ms < $3::BIGINT - 1000",
+                &[&repo.as_str(), &d, &now],
+            )
+            .await?;
+            Ok(())
         })
     }
 
@@ -789,8 +819,11 @@ impl Metadata for PgMetadata {
                 snap.blobs
                     .push((r.get(0), u64_of(r.get(1)), u64_of(r.get(2))));
             }
-            for r in t.query("SELECT repo, digest FROM repo_blobs", &[]).await? {
-                snap.links.push((r.get(0), r.get(1)));
+            for r in t
+                .query("SELECT repo, digest, linked_ms FROM repo_blobs", &[])
+                .await?
+            {
+                snap.links.push((r.get(0), r.get(1), u64_of(r.get(2))));
             }
             for r in t.query("SELECT name, created_ms FROM repos", &[]).await? {
                 snap.repos.push((r.get(0), u64_of(r.get(1))));

@@ -199,3 +199,42 @@ fn a_chunk_lost_with_its_replica_leaves_the_session_at_its_last_kept_byte() {
     a.finish_upload(&r, w, &d).expect("finish");
     assert_eq!(b.stat_blob(&r, &d).expect("stat"), 13);
 }
+
+#[test]
+fn a_blob_looked_up_through_one_replica_is_spared_by_gc_on_the_other() {
+    let pg = server();
+    let rt = runtime();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let [(a, _da), (b, _db)] = replicas(&pg, &rt, shared.path());
+    let r: slipway_core::RepoName = "shared/touch".parse().expect("repo");
+    let id = a.start_upload(&r).expect("start").to_string();
+    let mut w = a.upload_writer(&r, &id, Some(0)).expect("writer");
+    w.write(b"an unreferenced layer").expect("write");
+    let d = slipway_core::Digest::sha256_of(b"an unreferenced layer");
+    a.finish_upload(&r, w, &d).expect("finish");
+    let gc = |dry_run| slipway_store::GcOptions {
+        dry_run,
+        grace: std::time::Duration::from_secs(1),
+        ..slipway_store::GcOptions::default()
+    };
+    // Wait (polling a dry run) until the blob is past its grace on replica a.
+    let due = || {
+        slipway_testkit::poll(std::time::Duration::from_secs(10), || {
+            let rep = a.gc(&gc(true)).expect("dry run");
+            rep.blobs.iter().any(|(x, _)| x == &d).then_some(())
+        })
+    };
+    assert!(due().is_some(), "never due");
+    // A client looks it up through b (as before referencing it in a manifest).
+    assert_eq!(b.stat_blob(&r, &d).expect("stat"), 21);
+    let rep = a.gc(&gc(false)).expect("gc");
+    assert!(
+        !rep.blobs.iter().any(|(x, _)| x == &d),
+        "removed a blob just looked up on b"
+    );
+    assert!(a.stat_blob(&r, &d).is_ok());
+    // Once the grace has passed again, it goes.
+    assert!(due().is_some(), "never due again");
+    let rep = a.gc(&gc(false)).expect("gc");
+    assert!(rep.blobs.iter().any(|(x, _)| x == &d));
+}

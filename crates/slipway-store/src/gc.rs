@@ -199,10 +199,16 @@ fn plan(
         }
     }
 
-    // Sweep.
+    // Sweep. A blob linked or looked up within the grace period stays too.
+    let recent: HashSet<&str> = snap
+        .links
+        .iter()
+        .filter(|l| l.2 > cutoff)
+        .map(|l| l.1.as_str())
+        .collect();
     let mut doomed = Vec::new();
     for (d, size, created) in &snap.blobs {
-        if live.contains(d) || *created > cutoff {
+        if live.contains(d) || *created > cutoff || recent.contains(d.as_str()) {
             continue;
         }
         let digest = parse_digest(d)?;
@@ -213,7 +219,7 @@ fn plan(
     }
     let doomed_set: HashSet<String> = doomed.iter().map(|(d, _)| d.to_string()).collect();
     let mut linked_repos: HashSet<&str> = HashSet::new();
-    for (repo, d) in &snap.links {
+    for (repo, d, _) in &snap.links {
         if doomed_set.contains(d) {
             changes.links.push((repo.clone(), d.clone()));
         } else {

@@ -63,6 +63,9 @@ impl Store {
             .linked_blob(repo, digest)?
             .ok_or_else(|| StoreError::BlobUnknown(digest.clone()))?;
         self.touch(digest);
+        if self.meta.shared() {
+            self.meta.touch(repo, digest, now_ms())?;
+        }
         Ok(size)
     }
 

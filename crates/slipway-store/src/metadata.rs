@@ -63,8 +63,9 @@ pub struct GcSnapshot {
     pub tags: Vec<TagRow>,
     /// Every blob: `(digest, size, created ms)`.
     pub blobs: Vec<(String, u64, u64)>,
-    /// Every repository link: `(repo, digest)`.
-    pub links: Vec<(String, String)>,
+    /// Every repository link: `(repo, digest, ms)`, the time it was made or
+    /// (shared metadata) a client last looked the blob up through it.
+    pub links: Vec<(String, String, u64)>,
     /// Every repository: `(name, created ms)`.
     pub repos: Vec<(String, u64)>,
 }
@@ -119,6 +120,13 @@ pub trait Metadata: Send + Sync + std::fmt::Debug {
     fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>>;
     /// Links a blob of `from` into `to`; false when `from` does not have it.
     fn mount(&self, from: &RepoName, to: &RepoName, digest: &Digest, now: u64) -> Result<bool>;
+    /// Records that a client looked up a linked blob (it is about to reference
+    /// it), so GC on any replica spares it for the grace period. Metadata one
+    /// process owns may skip this: the store remembers look-ups itself.
+    fn touch(&self, repo: &RepoName, digest: &Digest, now: u64) -> Result<()> {
+        let _ = (repo, digest, now);
+        Ok(())
+    }
     /// Unlinks a blob from `repo`; false when it was not linked.
     fn unlink(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     /// Records a committed blob and links it into `repo`. Returns the bytes

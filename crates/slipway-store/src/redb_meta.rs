@@ -131,9 +131,9 @@ impl RedbMetadata {
             snap.blobs.push((k.value().to_owned(), size, created));
         }
         for row in txn.open_table(REPO_BLOBS).map_err(db)?.iter().map_err(db)? {
-            let (k, _) = row.map_err(db)?;
+            let (k, v) = row.map_err(db)?;
             if let Some((repo, d)) = k.value().split_once('\0') {
-                snap.links.push((repo.to_owned(), d.to_owned()));
+                snap.links.push((repo.to_owned(), d.to_owned(), v.value()));
             }
         }
         for row in txn.open_table(REPOS).map_err(db)?.iter().map_err(db)? {
