@@ -38,7 +38,7 @@ RUNTIME_PACKAGES=(runc skopeo podman umoci busybox-static curl openssl ca-certif
 # ensure_s3s_fs: the S3-compatible server the object-storage tests start
 # (`s3s-fs` from crates.io), built once and kept outside the repository, keyed by
 # its version (crates/slipway-testkit: S3S_FS_VERSION). Garage, the server the
-# issue prefers, is a far larger build than the test budget allows here.
+# issue prefers, is a far larger build than the test budget allows here (README).
 S3S_FS_VERSION=0.14.1
 ensure_s3s_fs() {
     local root=/var/cache/slipway-test/s3s-fs-$S3S_FS_VERSION
@@ -46,4 +46,52 @@ ensure_s3s_fs() {
     echo "==> cargo install s3s-fs $S3S_FS_VERSION (once, into $root)" >&2
     mkdir -p "$root"
     cargo install --quiet --locked s3s-fs --version "$S3S_FS_VERSION" --features binary --root "$root"
+}
+
+# ensure_garage: Garage (crates.io `garage`), the S3 server self-hosters run, for
+# the S3 benchmark (Distribution's s3 driver needs ListMultipartUploads, which
+# s3s-fs lacks). Built once, kept outside the repository, keyed by version. A long
+# build (it compiles libsodium and SQLite from C): not part of scripts/test.
+GARAGE_VERSION=2.5.0
+GARAGE_BIN=/var/cache/slipway-test/garage-$GARAGE_VERSION/bin/garage
+ensure_garage() {
+    local root=/var/cache/slipway-test/garage-$GARAGE_VERSION
+    [ -x "$GARAGE_BIN" ] && return 0
+    echo "==> cargo install garage $GARAGE_VERSION (once, into $root; a long build)" >&2
+    mkdir -p "$root"
+    cargo install --quiet --locked garage --version "$GARAGE_VERSION" --root "$root"
+}
+
+# start_garage DIR PORT KEY_ID SECRET BUCKET: a one-node Garage in DIR with its S3
+# API on 127.0.0.1:PORT (RPC and admin on PORT+1, PORT+2), one bucket and one key
+# allowed on it; prints its PID. KEY_ID is GK + 24 hex digits, SECRET 64.
+start_garage() {
+    local dir=$1 port=$2 key=$3 secret=$4 bucket=$5 cfg pid id
+    cfg="$dir/garage.toml"
+    mkdir -p "$dir/meta" "$dir/data"
+    cat >"$cfg" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((port + 1))"
+rpc_public_addr = "127.0.0.1:$((port + 1))"
+rpc_secret = "$(openssl rand -hex 32)"
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:$port"
+root_domain = ".s3.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$((port + 2))"
+TOML
+    "$GARAGE_BIN" -c "$cfg" server >"$dir/garage.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do id=$("$GARAGE_BIN" -c "$cfg" node id -q 2>/dev/null) && break; sleep 0.2; done
+    [ -n "${id:-}" ] || { echo "garage did not start: $(tail -5 "$dir/garage.log")" >&2; return 1; }
+    "$GARAGE_BIN" -c "$cfg" layout assign -z dc1 -c 100GB "${id%@*}" >/dev/null
+    "$GARAGE_BIN" -c "$cfg" layout apply --version 1 >/dev/null
+    "$GARAGE_BIN" -c "$cfg" key import --yes -n bench "$key" "$secret" >/dev/null
+    "$GARAGE_BIN" -c "$cfg" bucket create "$bucket" >/dev/null
+    "$GARAGE_BIN" -c "$cfg" bucket allow --read --write --owner "$bucket" --key "$key" >/dev/null
+    echo "$pid"
 }
