@@ -35,6 +35,10 @@ assert status == 200, status
 m = json.loads(manifest)
 blobs = [m["config"]["digest"]] + [l["digest"] for l in m["layers"]]
 errors = []
+if mode == "tags":
+    for b in blobs:
+        s, _ = req(c, "POST", "/v2/%s/blobs/uploads/?mount=%s&from=bench/app" % (name, b))
+        assert s == 201, "mount %s into %s: %d" % (b, name, s)
 
 
 def work(ids):
