@@ -1052,6 +1052,17 @@ impl S3Server {
         );
     }
 
+    /// A `[storage]` section for a bucket on this server, objects under `prefix`.
+    pub fn storage_config(&self, prefix: &str) -> String {
+        format!(
+            "[storage]\nbackend = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"{prefix}\"\n",
+            self.endpoint,
+            Self::BUCKET,
+            Self::KEYS.0,
+            Self::KEYS.1,
+        )
+    }
+
     /// Stops it (SIGKILL), as a crashed server.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -1063,6 +1074,18 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs podman on its own storage under `root` (vfs, runc), with `args`;
+/// returns its stdout and panics on failure.
+pub fn podman(root: &Path, args: &[&str]) -> String {
+    run(Command::new("podman")
+        .arg("--root")
+        .arg(root.join("root"))
+        .arg("--runroot")
+        .arg(root.join("runroot"))
+        .args(["--runtime", "runc", "--storage-driver", "vfs"])
+        .args(args))
 }
 
 /// Where Debian's `postgresql-15` puts its server binaries.
@@ -1216,11 +1239,8 @@ impl SharedRegistry {
         std::fs::write(
             &config,
             format!(
-                "[storage]\nbackend = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"reg/\"\ndatabase = \"{}\"\n{extra}",
-                s3.endpoint,
-                S3Server::BUCKET,
-                S3Server::KEYS.0,
-                S3Server::KEYS.1,
+                "{}database = \"{}\"\n{extra}",
+                s3.storage_config("reg/"),
                 pg.url
             ),
         )

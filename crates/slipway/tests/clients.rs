@@ -1,10 +1,9 @@
 //! Real clients against the real binary: skopeo, podman and the oras Python client.
 //! Images are built locally from busybox-static with umoci; nothing is downloaded.
 
-use std::path::Path;
 use std::process::Command;
 
-use slipway_testkit::{TestServer, busybox_layout, run, sha256};
+use slipway_testkit::{TestServer, busybox_layout, podman, run, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
@@ -53,16 +52,6 @@ fn skopeo_copies_in_and_out_with_identical_digests_and_deletes() {
 
     skopeo(&["delete", "--tls-verify=false", &dst]);
     assert_eq!(s.get("/v2/tools/busybox/manifests/v1").status, 404);
-}
-
-fn podman(root: &Path, args: &[&str]) -> String {
-    run(Command::new("podman")
-        .arg("--root")
-        .arg(root.join("root"))
-        .arg("--runroot")
-        .arg(root.join("runroot"))
-        .args(["--runtime", "runc", "--storage-driver", "vfs"])
-        .args(args))
 }
 
 #[test]

@@ -5,26 +5,15 @@
 //! the other cannot finish.
 
 use std::io::Write as _;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use slipway_testkit::{SharedRegistry, TestServer, cli, poll, run, sha256};
+use slipway_testkit::{SharedRegistry, TestServer, cli, podman, poll, run, sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway");
 
 fn skopeo(args: &[&str]) -> String {
     run(Command::new("skopeo").args(args))
-}
-
-fn podman(root: &Path, args: &[&str]) -> String {
-    run(Command::new("podman")
-        .arg("--root")
-        .arg(root.join("root"))
-        .arg("--runroot")
-        .arg(root.join("runroot"))
-        .args(["--runtime", "runc", "--storage-driver", "vfs"])
-        .args(args))
 }
 
 #[test]

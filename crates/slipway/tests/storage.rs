@@ -30,13 +30,7 @@ fn with_blobs_in_s3_clients_push_pull_and_run_images_and_gc_deletes_the_objects(
     let config = dir.path().join("slipway.toml");
     std::fs::write(
         &config,
-        format!(
-            "[gc]\ngrace_period = \"0s\"\n[storage]\nbackend = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nprefix = \"reg/\"\n",
-            s3.endpoint,
-            S3Server::BUCKET,
-            S3Server::KEYS.0,
-            S3Server::KEYS.1
-        ),
+        format!("[gc]\ngrace_period = \"0s\"\n{}", s3.storage_config("reg/")),
     )
     .expect("config");
     let s = TestServer::start_with(BIN, &["--config", &config.display().to_string()]);
