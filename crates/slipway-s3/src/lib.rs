@@ -319,8 +319,27 @@ impl BlobBackend for S3Blobs {
     }
 
     fn remove_parts(&self, upload: &uuid::Uuid, parts: &[String]) -> Result<()> {
-        for p in parts {
-            let key = self.part_key(upload, p)?;
+        let mut keys: Vec<Key> = parts
+            .iter()
+            .map(|p| self.part_key(upload, p))
+            .collect::<Result<_>>()?;
+        // Also parts no record names: a chunk whose replica died between
+        // putting it and recording it. One session's prefix, never the bucket.
+        let prefix = Key::from(format!("{}uploads/{upload}/", self.prefix));
+        let listed: Vec<Key> = self.rt.block_on(async {
+            self.store
+                .list(Some(&prefix))
+                .filter_map(|m| async move { m.ok().map(|m| m.location) })
+                .collect()
+                .await
+        });
+        keys.extend(
+            listed
+                .into_iter()
+                .filter(|k| !keys.contains(k))
+                .collect::<Vec<_>>(),
+        );
+        for key in keys {
             match self.rt.block_on(self.store.delete(&key)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(unavailable("delete an upload part", &e)),

@@ -149,6 +149,15 @@ fn two_replicas_on_one_bucket_and_database_share_chunked_uploads_and_blobs() {
     // One chunk: copied on the server.
     let small = b"one chunk".to_vec();
     let id = b.start_upload(&r).expect("start").to_string();
+    // A part no record names, as a replica that died between putting a chunk
+    // and recording it leaves: finishing the session removes it too.
+    let orphan = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(orphan.path(), b"lost chunk").expect("write");
+    let uuid: uuid::Uuid = id.parse().expect("uuid");
+    backend(&s3, &rt)
+        .put_part(&uuid, &format!("0-{}", uuid::Uuid::new_v4()), orphan.path())
+        .expect("orphan part");
+    assert_eq!(objects_under(&s3.bucket_dir.join("reg/uploads")), 1);
     let mut w = b.upload_writer(&r, &id, Some(0)).expect("writer");
     w.write(&small).expect("write");
     let ds = Digest::sha256_of(&small);
