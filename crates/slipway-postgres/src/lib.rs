@@ -336,6 +336,17 @@ impl PgMetadata {
     }
 }
 
+impl PgMetadata {
+    /// Runs `sql` (parameters: repo, tag; one `digest` column back).
+    fn tag_digest(&self, sql: &str, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        let got = self.inner.run(async |c| {
+            let row = c.query_opt(sql, &[&repo.as_str(), &tag.as_str()]).await?;
+            Ok(row.map(|r| r.get::<_, String>(0)))
+        })?;
+        got.map(|d| parse_digest(&d)).transpose()
+    }
+}
+
 async fn ensure_repo(t: &tokio_postgres::Transaction<'_>, repo: &str, now: i64) -> Res<()> {
     t.execute(
         "INSERT INTO repos (name, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -585,16 +596,11 @@ impl Metadata for PgMetadata {
     }
 
     fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
-        let got = self.inner.run(async |c| {
-            let row = c
-                .query_opt(
-                    "SELECT digest FROM tags WHERE repo = $1 AND tag = $2",
-                    &[&repo.as_str(), &tag.as_str()],
-                )
-                .await?;
-            Ok(row.map(|r| r.get::<_, String>(0)))
-        })?;
-        got.map(|d| parse_digest(&d)).transpose()
+        self.tag_digest(
+            "SELECT digest FROM tags WHERE repo = $1 AND tag = $2",
+            repo,
+            tag,
+        )
     }
 
     fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
@@ -664,16 +670,11 @@ impl Metadata for PgMetadata {
     }
 
     fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
-        let got = self.inner.run(async |c| {
-            let row = c
-                .query_opt(
-                    "DELETE FROM tags WHERE repo = $1 AND tag = $2 RETURNING digest",
-                    &[&repo.as_str(), &tag.as_str()],
-                )
-                .await?;
-            Ok(row.map(|r| r.get::<_, String>(0)))
-        })?;
-        got.map(|d| parse_digest(&d)).transpose()
+        self.tag_digest(
+            "DELETE FROM tags WHERE repo = $1 AND tag = $2 RETURNING digest",
+            repo,
+            tag,
+        )
     }
 
     fn tags(
